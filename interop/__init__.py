@@ -1,0 +1,1 @@
+"""PyTorch <-> jquant interop: checkpoints, layouts, qparams and the jquant-convert CLI."""

@@ -1,0 +1,1 @@
+"""Pure quantization numerics: qtypes, qschemes, qparams, (fake-)quantize. Depends on jax only."""
