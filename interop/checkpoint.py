@@ -1,0 +1,182 @@
+"""Load and save torch checkpoints as flat ``{name: ndarray | QuantizedTensor | str}`` dicts.
+
+Formats: ``.safetensors``; ``.pt`` / ``.pth`` / ``.bin`` through ``torch.load(weights_only=True)`` only (a
+pickle that needs other globals is refused, never loaded unrestricted); sharded checkpoints through their
+index json (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``); a directory holding one of
+those. Nested dicts (``{"state_dict": {...}}``) are flattened with ``.``. Converted eager quantized Linear
+modules store ``(weight, bias)`` in ``<m>._packed_params._packed_params``: it comes back as
+``<m>.weight`` (QuantizedTensor) and ``<m>.bias``. torch.dtype / torch.qscheme values come back as names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from interop._torch import require_torch
+from interop.atomic import atomic_path
+from interop.errors import CheckpointError, UnsafeCheckpointError
+from interop.records import QuantizedTensor
+from interop.safetensors_io import read_safetensors, write_safetensors
+from interop.tensors import to_numpy, to_torch
+
+Value = np.ndarray | QuantizedTensor | str
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+_PACKED = "._packed_params._packed_params"
+
+
+def load_torch_checkpoint(path: str | os.PathLike, *, progress: bool = False) -> dict[str, Value]:
+    """Load a torch checkpoint file, shard index or checkpoint directory into a flat numpy dict.
+
+    Values are numpy arrays (bf16 as ``ml_dtypes.bfloat16``, exact bits), :class:`QuantizedTensor`
+    records for quantized tensors, or strings for torch dtype/qscheme entries. Raises CheckpointError
+    (a ValueError) naming the file when it is missing, truncated, corrupted, or needs unsafe globals.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = _find_in_directory(path)
+    if path.endswith(".index.json"):
+        return _load_sharded(path, progress)
+    if path.endswith(".safetensors"):
+        tensors, _ = read_safetensors(path)
+        return dict(tensors)
+    if path.endswith(PICKLE_SUFFIXES):
+        return _load_pickle(path, progress)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format; expected .safetensors, {'/'.join(PICKLE_SUFFIXES)}, "
+        "a *.index.json shard index or a directory holding one"
+    )
+
+
+def _find_in_directory(directory: str) -> str:
+    for name in INDEX_FILES + SINGLE_FILES:
+        candidate = os.path.join(directory, name)
+        if os.path.exists(candidate):
+            return candidate
+    raise CheckpointError(f"{directory}: directory holds none of {', '.join(INDEX_FILES + SINGLE_FILES)}")
+
+
+def _load_sharded(index_path: str, progress: bool) -> dict[str, Value]:
+    try:
+        with open(index_path) as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{index_path}: file not found") from err
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{index_path}: not a shard index (needs a 'weight_map' object): {err}"
+        ) from err
+    base = os.path.dirname(index_path)
+    shards = sorted(set(weight_map.values()))
+    out: dict[str, Value] = {}
+    for shard in _progress(shards, progress, "shards"):
+        shard_path = os.path.join(base, shard)
+        if not os.path.exists(shard_path):
+            raise CheckpointError(f"{shard_path}: shard listed in {index_path} is missing")
+        loaded = load_torch_checkpoint(shard_path)
+        expected = [k for k, v in weight_map.items() if v == shard]
+        missing = [k for k in expected if k not in loaded]
+        if missing:
+            raise CheckpointError(f"{shard_path}: keys listed in {index_path} are missing: {missing[:10]}")
+        clash = [k for k in loaded if k in out]
+        if clash:
+            raise CheckpointError(f"{shard_path}: keys already loaded from another shard: {clash[:10]}")
+        out.update(loaded)
+    return out
+
+
+def _load_pickle(path: str, progress: bool) -> dict[str, Value]:
+    torch = require_torch("loading .pt/.bin checkpoints")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        match = re.search(r"GLOBAL ([\w.]+)", str(err))
+        culprit = match.group(1) if match else "a global that is not an allowed weights-only type"
+        if "Unsupported global" in str(err) or match:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: the pickle needs {culprit}, which torch.load(weights_only=True) "
+                "does not allow. jquant never unpickles arbitrary code; re-save the checkpoint as a plain "
+                "state_dict of tensors (torch.save(model.state_dict(), ...)) or as safetensors."
+            ) from err
+        raise CheckpointError(f"{path}: corrupted pickle checkpoint ({_first_line(err)})") from err
+    except Exception as err:  # torch raises RuntimeError/EOFError/... for truncated or corrupted archives
+        raise CheckpointError(
+            f"{path}: truncated or corrupted torch checkpoint ({_first_line(err)})"
+        ) from err
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}"
+        )
+    flat: dict[str, Any] = {}
+    _flatten(obj, "", flat, path)
+    return {k: to_numpy(v, f"{path}:{k}") for k, v in _progress(flat.items(), progress, "tensors")}
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any], path: str) -> None:
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, path)
+    elif isinstance(obj, tuple) and len(obj) == 2 and f".{prefix}".endswith(_PACKED):
+        module = f".{prefix}"[: -len(_PACKED)].lstrip(".")
+        dot = "." if module else ""
+        weight, bias = obj
+        out[f"{module}{dot}weight"] = weight
+        if bias is not None:
+            out[f"{module}{dot}bias"] = bias
+    elif obj is None or isinstance(obj, list | tuple):
+        raise CheckpointError(
+            f"{path}: entry {prefix!r} is {type(obj).__name__}, not a tensor; pass a state_dict of tensors"
+        )
+    else:
+        out[prefix] = obj
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _progress(items: Any, enabled: bool, unit: str) -> Any:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is a nicety; tqdm is optional
+        return items
+    return tqdm(items, unit=f" {unit}", leave=False)
+
+
+def save_torch_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a flat numpy/record dict as ``.safetensors`` or as a torch ``.pt``/``.bin`` state_dict.
+
+    The write is atomic: a temporary file in the same directory replaces ``path`` only on success.
+    safetensors cannot hold quantized tensors or strings: those need ``.pt``.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        bad = [k for k, v in state.items() if isinstance(v, QuantizedTensor | str)]
+        if bad:
+            raise CheckpointError(
+                f"{path}: safetensors cannot store quantized tensors or names {bad[:5]}; use .pt"
+            )
+        arrays = {k: np.asarray(v) for k, v in state.items()}
+        with atomic_path(path) as tmp:
+            write_safetensors(tmp, arrays)
+        return
+    if path.endswith(PICKLE_SUFFIXES):
+        torch = require_torch("writing .pt checkpoints")
+        tensors = {k: to_torch(v, k) for k, v in state.items()}
+        with atomic_path(path) as tmp:
+            torch.save(tensors, tmp)
+        return
+    raise CheckpointError(f"{path}: unknown torch checkpoint suffix; use .safetensors or .pt")

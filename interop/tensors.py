@@ -1,0 +1,104 @@
+"""Value conversion between torch and numpy, bit-exact (bf16/fp8 kept via ml_dtypes, quantized -> record)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from interop._torch import require_torch
+from interop.records import QuantizedTensor
+
+# torch dtype name -> (numpy dtype to reinterpret the raw bits as, torch integer dtype of the same width)
+_BIT_VIEWS = {
+    "bfloat16": (ml_dtypes.bfloat16, "int16"),
+    "float8_e4m3fn": (ml_dtypes.float8_e4m3fn, "uint8"),
+    "float8_e5m2": (ml_dtypes.float8_e5m2, "uint8"),
+}
+_TORCH_QTYPE = {"int8": "qint8", "uint8": "quint8", "int32": "qint32"}
+
+
+def torch_dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_numpy(value: Any, key: str = "<value>") -> np.ndarray | QuantizedTensor | str:
+    """Convert one state_dict value: tensor -> ndarray, quantized tensor -> QuantizedTensor,
+    torch.dtype / torch.qscheme -> its name, python number -> 0-d ndarray."""
+    torch = require_torch()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        if t.is_quantized:
+            return quantized_to_record(t)
+        name = torch_dtype_name(t.dtype)
+        if name in _BIT_VIEWS:
+            np_dtype, int_name = _BIT_VIEWS[name]
+            return t.contiguous().view(getattr(torch, int_name)).numpy().view(np_dtype).copy()
+        try:
+            return t.numpy().copy()
+        except TypeError as err:
+            raise TypeError(f"{key}: torch dtype {t.dtype} has no numpy equivalent") from err
+    if isinstance(value, torch.dtype | torch.qscheme):
+        return torch_dtype_name(value)
+    if isinstance(value, bool | int | float):
+        return np.asarray(value)
+    raise TypeError(f"{key}: unsupported checkpoint value of type {type(value).__name__}")
+
+
+def quantized_to_record(t: Any) -> QuantizedTensor:
+    """A torch quantized tensor -> QuantizedTensor (exact int data and qparams)."""
+    torch = require_torch()
+    qscheme = torch_dtype_name(t.qscheme())
+    data = t.int_repr().numpy().copy()
+    if qscheme.startswith("per_tensor"):
+        scale = np.asarray(t.q_scale(), dtype=np.float64)
+        zero_point = np.asarray(t.q_zero_point(), dtype=np.int64)
+        axis = None
+    else:
+        scale = t.q_per_channel_scales().numpy().copy()
+        zero_point = t.q_per_channel_zero_points().numpy().copy()
+        axis = int(t.q_per_channel_axis())
+    dtype = {torch.qint8: "int8", torch.quint8: "uint8", torch.qint32: "int32"}.get(t.dtype)
+    if dtype is None:
+        raise TypeError(f"quantized dtype {t.dtype} is not supported (qint8, quint8, qint32 are)")
+    return QuantizedTensor(data, scale, zero_point, axis, qscheme, dtype)
+
+
+def record_to_torch(rec: QuantizedTensor) -> Any:
+    """QuantizedTensor -> torch quantized tensor (inverse of :func:`quantized_to_record`)."""
+    torch = require_torch()
+    data = torch.from_numpy(np.asarray(rec.data, order="C"))
+    if rec.axis is None:
+        qt = torch._make_per_tensor_quantized_tensor(data, float(rec.scale), int(rec.zero_point))
+    else:
+        qt = torch._make_per_channel_quantized_tensor(
+            data,
+            torch.from_numpy(np.asarray(rec.scale, order="C")),
+            torch.from_numpy(np.asarray(rec.zero_point, order="C")),
+            rec.axis,
+        )
+    expected = getattr(torch, _TORCH_QTYPE[rec.dtype])
+    if qt.dtype != expected:
+        raise TypeError(f"QuantizedTensor data dtype {rec.data.dtype} does not match qtype {rec.dtype}")
+    return qt
+
+
+def to_torch(value: Any, key: str = "<value>") -> Any:
+    """Inverse of :func:`to_numpy`: ndarray (incl. bf16/fp8) -> tensor, record -> quantized tensor."""
+    torch = require_torch()
+    if isinstance(value, QuantizedTensor):
+        return record_to_torch(value)
+    if isinstance(value, str):
+        if hasattr(torch, value) and isinstance(getattr(torch, value), torch.dtype | torch.qscheme):
+            return getattr(torch, value)
+        raise TypeError(f"{key}: string value {value!r} is not a torch dtype or qscheme name")
+    arr = np.asarray(value)
+    for name, (np_dtype, int_name) in _BIT_VIEWS.items():
+        if arr.dtype == np_dtype:
+            raw = np.asarray(arr, order="C").view(np.dtype(int_name))
+            return torch.from_numpy(raw.copy()).view(getattr(torch, name))
+    try:
+        return torch.from_numpy(np.array(arr, copy=True, order="C"))
+    except TypeError as err:
+        raise TypeError(f"{key}: numpy dtype {arr.dtype} cannot be converted to torch") from err
