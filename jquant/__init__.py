@@ -1,7 +1,29 @@
 """jquant: quantization for JAX with PyTorch-exact numerics."""
 
+from jquant.numerics.affine import dequantize_affine, fake_quantize_affine, quantize_affine
+from jquant.numerics.fake_quant import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
+from jquant.numerics.lsq import (
+    fake_quantize_learnable_per_channel_affine,
+    fake_quantize_learnable_per_tensor_affine,
+)
+from jquant.numerics.packing import pack_int4, unpack_int4
 from jquant.numerics.qparams import FLOAT32_EPS, choose_qparams
 from jquant.numerics.qschemes import QSCHEMES
 from jquant.numerics.qtypes import QTYPES, qrange
 
-__all__ = ["FLOAT32_EPS", "QSCHEMES", "QTYPES", "choose_qparams", "qrange"]
+__all__ = [
+    "FLOAT32_EPS",
+    "QSCHEMES",
+    "QTYPES",
+    "choose_qparams",
+    "dequantize_affine",
+    "fake_quantize_affine",
+    "fake_quantize_learnable_per_channel_affine",
+    "fake_quantize_learnable_per_tensor_affine",
+    "fake_quantize_per_channel_affine",
+    "fake_quantize_per_tensor_affine",
+    "pack_int4",
+    "qrange",
+    "quantize_affine",
+    "unpack_int4",
+]

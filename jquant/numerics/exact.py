@@ -25,3 +25,44 @@ def exact_divide(numerator: jnp.ndarray, denominator: jnp.ndarray | float) -> jn
 def unfused_multiply(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """``a * b`` rounded to float32 before any following add (no FMA contraction)."""
     return lax.optimization_barrier(a * b)
+
+
+def _split(a: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Veltkamp split of float32 ``a`` into two 12-bit halves, ``a == hi + lo`` exactly."""
+    t = lax.optimization_barrier(a * jnp.float32(4097.0))  # barrier: keep t - a from becoming an FMA
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def two_sum(a: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``a + b == s + e`` exactly, ``s`` the float32 sum (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def two_product(a: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``a * b == p + e`` exactly (barring overflow), ``p`` the float32 product (Dekker)."""
+    p = lax.optimization_barrier(a * b)
+    a_hi, a_lo = _split(a)
+    b_hi, b_lo = _split(b)
+    e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    return p, e
+
+
+def product_of_difference(a: jnp.ndarray, b: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    """``(a - b) * c`` rounded once to float32 from (nearly) exact arithmetic.
+
+    torch evaluates some fake-quant expressions in double precision and rounds the result to float32
+    once; this reproduces that without float64 (which JAX disables by default).
+    """
+    d_hi, d_lo = two_sum(a, -b)
+    p, e = two_product(d_hi, c)
+    return p + (e + d_lo * c)
+
+
+def fused_multiply_add(a: jnp.ndarray, b: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    """``a * b + c`` with a single rounding, as a compiled FMA does, independent of compiler contraction."""
+    p, e = two_product(a, b)
+    s, l = two_sum(p, c)
+    return s + (l + e)
