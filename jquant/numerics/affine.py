@@ -197,8 +197,12 @@ def _fake_quant_float8(x, scale, name, block):
     @jax.custom_vjp
     def fq(v, s):
         return apply_blockwise(
-            lambda a, b: (jnp.clip(exact_divide(a.astype(jnp.float32), b), -fmax, fmax).astype(storage_dtype(name))
-                          .astype(jnp.float32) * b).astype(a.dtype),
+            lambda a, b: (
+                jnp.clip(exact_divide(a.astype(jnp.float32), b), -fmax, fmax)
+                .astype(storage_dtype(name))
+                .astype(jnp.float32)
+                * b
+            ).astype(a.dtype),
             v,
             block,
             s,

@@ -64,5 +64,5 @@ def product_of_difference(a: jnp.ndarray, b: jnp.ndarray, c: jnp.ndarray) -> jnp
 def fused_multiply_add(a: jnp.ndarray, b: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     """``a * b + c`` with a single rounding, as a compiled FMA does, independent of compiler contraction."""
     p, e = two_product(a, b)
-    s, l = two_sum(p, c)
-    return s + (l + e)
+    s, s_err = two_sum(p, c)
+    return s + (s_err + e)

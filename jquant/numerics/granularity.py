@@ -34,7 +34,9 @@ def block_size_for(shape: Sequence[int], axis: int | None, block_size: Sequence[
             raise ValueError(f"block_size: needs one entry per dim of the input shape {tuple(shape)}, got {block_size}")
         for dim, (n, b) in enumerate(zip(shape, block_size, strict=True)):
             if b < 1 or n % b:
-                raise ValueError(f"block_size: entry {b} at dim {dim} does not divide the input size {n} (shape {tuple(shape)})")
+                raise ValueError(
+                    f"block_size: entry {b} at dim {dim} does not divide the input size {n} (shape {tuple(shape)})"
+                )
         return block_size
     if axis is not None:
         axis = normalize_axis(axis, ndim)
