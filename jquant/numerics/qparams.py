@@ -47,6 +47,8 @@ def choose_qparams(
         return scale, jnp.zeros(scale.shape, jnp.int32)
 
     custom = quant_min is not None
+    if reduce_range and is_symmetric(qscheme) and name == "uint8":
+        raise ValueError(f"reduce_range: not supported for {qscheme} with {name} (torch refuses it too)")
     qmin, qmax = qrange(name, quant_min, quant_max, reduce_range)
     min_neg = jnp.minimum(min_val, 0.0)
     max_pos = jnp.maximum(max_val, 0.0)
