@@ -5,6 +5,7 @@ torch is optional: it is imported lazily by the functions that need it (``pip in
 
 from interop.checkpoint import load_torch_checkpoint, save_torch_checkpoint
 from interop.errors import CheckpointError, InteropError, MappingError, UnsafeCheckpointError
+from interop.mapping import MappingEntry, MappingReport, Rule, flax_to_torch, torch_to_flax
 from interop.records import QuantizedTensor
 
 __all__ = [
@@ -13,6 +14,11 @@ __all__ = [
     "MappingError",
     "QuantizedTensor",
     "UnsafeCheckpointError",
+    "MappingEntry",
+    "MappingReport",
+    "Rule",
+    "flax_to_torch",
     "load_torch_checkpoint",
+    "torch_to_flax",
     "save_torch_checkpoint",
 ]

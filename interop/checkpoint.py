@@ -71,9 +71,7 @@ def _load_sharded(index_path: str, progress: bool) -> dict[str, Value]:
     except FileNotFoundError as err:
         raise CheckpointError(f"{index_path}: file not found") from err
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"{index_path}: not a shard index (needs a 'weight_map' object): {err}"
-        ) from err
+        raise CheckpointError(f"{index_path}: not a shard index (needs a 'weight_map' object): {err}") from err
     base = os.path.dirname(index_path)
     shards = sorted(set(weight_map.values()))
     out: dict[str, Value] = {}
@@ -110,13 +108,9 @@ def _load_pickle(path: str, progress: bool) -> dict[str, Value]:
             ) from err
         raise CheckpointError(f"{path}: corrupted pickle checkpoint ({_first_line(err)})") from err
     except Exception as err:  # torch raises RuntimeError/EOFError/... for truncated or corrupted archives
-        raise CheckpointError(
-            f"{path}: truncated or corrupted torch checkpoint ({_first_line(err)})"
-        ) from err
+        raise CheckpointError(f"{path}: truncated or corrupted torch checkpoint ({_first_line(err)})") from err
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}"
-        )
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}")
     flat: dict[str, Any] = {}
     _flatten(obj, "", flat, path)
     return {k: to_numpy(v, f"{path}:{k}") for k, v in _progress(flat.items(), progress, "tensors")}
@@ -166,9 +160,7 @@ def save_torch_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> 
     if path.endswith(".safetensors"):
         bad = [k for k, v in state.items() if isinstance(v, QuantizedTensor | str)]
         if bad:
-            raise CheckpointError(
-                f"{path}: safetensors cannot store quantized tensors or names {bad[:5]}; use .pt"
-            )
+            raise CheckpointError(f"{path}: safetensors cannot store quantized tensors or names {bad[:5]}; use .pt")
         arrays = {k: np.asarray(v) for k, v in state.items()}
         with atomic_path(path) as tmp:
             write_safetensors(tmp, arrays)
