@@ -1,0 +1,85 @@
+"""Weight vs activation, decided by data flow from the weights argument (never by shape).
+
+Every jaxpr variable gets a ``VarInfo``: the parameter path it comes from (``None`` for activations) and
+the site that produced it. A value stays a weight through layout-only and precision-only equations
+(reshape, transpose, convert_element_type, broadcast_in_dim, slice, dynamic_slice, squeeze, expand_dims,
+rev, copy, sharding constraints) and across jit boundaries, scan xs and consts, cond operands, while
+consts, remat and custom_jvp / custom_vjp calls. Anything else (arithmetic, gather, a loop carry) makes it
+an activation: ``embedding[tokens]`` is an activation, and so is ``w * 2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax.extend.core import Literal
+
+# Equations whose first operand's weight-ness carries to the output.
+PASSTHROUGH = frozenset(
+    {
+        "reshape",
+        "transpose",
+        "convert_element_type",
+        "broadcast_in_dim",
+        "slice",
+        "dynamic_slice",
+        "squeeze",
+        "expand_dims",
+        "rev",
+        "copy",
+        "copy_p",
+        "reduce_precision",
+        "sharding_constraint",
+        "device_put",
+        "mesh_cast",
+        "reshard",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VarInfo:
+    """What the discovery pass knows about one jaxpr variable."""
+
+    param_path: str | None = None
+    producer: str | None = None
+
+
+ACTIVATION = VarInfo()
+
+
+def read_info(env: dict, var) -> VarInfo:
+    if isinstance(var, Literal):
+        return ACTIVATION
+    return env.get(var, ACTIVATION)
+
+
+def passthrough_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
+    """The output info of a layout-only equation, or None when the primitive is not one."""
+    if primitive in PASSTHROUGH and infos and infos[0].param_path is not None:
+        return VarInfo(param_path=infos[0].param_path)
+    return None
+
+
+def entering_scope(info: VarInfo) -> VarInfo:
+    """Info of a value seen inside a sub-jaxpr with its own qstate scope (producers do not cross scopes)."""
+    return VarInfo(param_path=info.param_path)
+
+
+def weight_axes(primitive: str, params: dict, index: int, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(output-feature axes, contraction axes) of operand ``index`` of a dot_general / conv equation.
+
+    dot_general: every dim that is not contracted (batch dims too: one scale per batch slice).
+    conv: the kernel's output-feature dim from ``dimension_numbers``.
+    Other primitives: the last axis (e.g. a bias) and no contraction.
+    """
+    if primitive == "dot_general":
+        (lhs_contract, rhs_contract), _ = params["dimension_numbers"]
+        contract = tuple(lhs_contract if index == 0 else rhs_contract)
+        out = tuple(d for d in range(ndim) if d not in contract)
+        return out, contract
+    if primitive == "conv_general_dilated":
+        lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+        spec = rhs_spec if index == 1 else lhs_spec
+        return (spec[0],), tuple(spec[1:])
+    return ((ndim - 1,) if ndim else ()), ()

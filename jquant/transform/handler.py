@@ -1,0 +1,174 @@
+"""The site handler of ``jquant.quantize``: observe and fake-quantize a site's operands and output.
+
+Modes (per stateful slot, i.e. a ``QuantizationSpec`` that is not dynamic):
+- ``"calibrate"``: observers see the float tensors, qparams are refreshed, the site computes in float.
+- ``"qat"``: observers are updated and the tensors fake-quantized with the refreshed qparams (STE); LSQ
+  slots fake-quantize with their learnable qparams (observer still updated, qparams left to training).
+- ``"eval"``: fake-quantize with the stored qparams; the state is returned unchanged.
+Dynamic specs compute qparams from the tensor at every call (float in calibrate); fixed, shared and derived
+specs have no state of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from jquant.numerics.affine import fake_quantize_affine
+from jquant.transform import slots
+from jquant.transform.interpreter import bind_eqn
+from jquant.transform.sites import Site
+from jquant.transform.specs import (
+    DerivedQuantizationSpec,
+    FixedQParamsSpec,
+    QuantizationSpec,
+    SharedQuantizationSpec,
+)
+
+MODES = ("calibrate", "qat", "eval")
+
+
+def check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+def stateful(spec: Any) -> bool:
+    return isinstance(spec, QuantizationSpec) and not spec.is_dynamic
+
+
+def layout_of(site: Site, key: str, spec: QuantizationSpec) -> slots.Layout:
+    if key == "output":
+        return slots.layout_for(spec, site.output_shape, (), "output")
+    op = site.operand(key)
+    return slots.layout_for(spec, op.shape, op.out_axes, op.role)
+
+
+def init_site_state(site: Site) -> dict:
+    """Unstacked initial state of one site: ``{key: slot}`` for every stateful slot."""
+    state = {}
+    for key, spec in site.specs.items():
+        if stateful(spec):
+            dtype = site.output_dtype if key == "output" else site.operand(key).dtype
+            state[key] = slots.init_slot(spec, layout_of(site, key, spec), dtype)
+    return state
+
+
+def _fixed(spec: FixedQParamsSpec, x):
+    if spec is None:
+        return x
+    return fake_quantize_affine(
+        x, spec.scale, spec.zero_point, dtype=spec.dtype, quant_min=spec.quant_min, quant_max=spec.quant_max
+    )
+
+
+def _derived_axis(site: Site, key: str, shape: tuple[int, ...], size: int) -> int | None:
+    if size == 1:
+        return None
+    candidates = site.operand(key).out_axes if key != "output" else ()
+    for axis in (*candidates, len(shape) - 1):
+        if shape[axis] == size:
+            return axis
+    raise ValueError(
+        f"site {site.name!r}, {key!r}: derived qparams of size {size} do not match any axis of shape {shape}"
+    )
+
+
+class QuantizeHandler:
+    """Site handler for one mode (see module docstring)."""
+
+    def __init__(self, mode: str):
+        self.mode = check_mode(mode)
+
+    def __call__(self, site: Site, eqn, invals: list, state: dict, scope: Mapping[str, Any]):
+        mode = self.mode
+        state = dict(state)
+        quantize = mode != "calibrate"
+        qparams: dict[str, tuple[Any, Any]] = {}
+        values = list(invals)
+        specs = site.specs
+        shared_from = {
+            op.spec.target: op.key for op in site.operands if isinstance(op.spec, SharedQuantizationSpec)
+        }
+
+        # Observed / dynamic operands first; shared ones feed their target's observer too.
+        for op in site.operands:
+            spec = op.spec
+            if not isinstance(spec, QuantizationSpec):
+                continue
+            x = invals[op.index]
+            layout = layout_of(site, op.key, spec)
+            if spec.is_dynamic:
+                qparams[op.key] = slots.dynamic_qparams(spec, layout, x)
+            else:
+                if mode != "eval":
+                    seen = [x] + ([invals[site.operand(shared_from[op.key]).index]] if op.key in shared_from else [])
+                    state[op.key] = slots.observe(spec, layout, state[op.key], seen, set_learnable=mode == "calibrate")
+                qparams[op.key] = slots.slot_qparams(state[op.key])
+            if quantize:
+                lsq = spec.fake_quant == "lsq"
+                values[op.index] = slots.fake_quant(spec, layout, x, *qparams[op.key], lsq)
+
+        for op in site.operands:
+            spec = op.spec
+            if isinstance(spec, SharedQuantizationSpec) and quantize:
+                target = site.operand(spec.target)
+                layout = layout_of(site, spec.target, target.spec)
+                lsq = target.spec.fake_quant == "lsq"
+                values[op.index] = slots.fake_quant(target.spec, layout, invals[op.index], *qparams[spec.target], lsq)
+            elif isinstance(spec, FixedQParamsSpec) and quantize:
+                values[op.index] = _fixed(spec, invals[op.index])
+            elif isinstance(spec, DerivedQuantizationSpec) and quantize:
+                values[op.index] = self._derived(site, op.key, spec, invals[op.index], qparams, scope)
+
+        outs = bind_eqn(eqn, values)
+        out_spec = specs.get("output")
+        if out_spec is not None:
+            outs[0] = self._output(site, out_spec, outs[0], state, qparams, scope)
+        return outs, state
+
+    def _derived(self, site, key, spec: DerivedQuantizationSpec, x, qparams, scope):
+        sources = []
+        for ref in spec.derived_from:
+            if ref.startswith("producer:"):
+                producer = next(o.producer for o in site.operands if o.role == "input" and o.producer)
+                slot = scope[producer].get(ref.split(":", 1)[1])
+                if slot is None:
+                    raise ValueError(
+                        f"site {site.name!r}: {ref!r} has no stored qparams (it must use a static QuantizationSpec)"
+                    )
+                sources.append(slots.slot_qparams(slot))
+            else:
+                sources.append(qparams[ref])
+        scale, zero_point = spec.derive_fn(*sources)
+        scale = jnp.asarray(scale, jnp.float32)
+        axis = _derived_axis(site, key, jnp.shape(x), scale.size)
+        return fake_quantize_affine(
+            x,
+            scale.reshape(-1) if axis is not None else scale.reshape(()),
+            jnp.asarray(zero_point).reshape(-1) if axis is not None else jnp.asarray(zero_point).reshape(()),
+            dtype=spec.dtype,
+            axis=axis,
+            quant_min=spec.quant_min,
+            quant_max=spec.quant_max,
+        )
+
+    def _output(self, site, spec, y, state, qparams, scope):
+        quantize = self.mode != "calibrate"
+        if isinstance(spec, FixedQParamsSpec):
+            return _fixed(spec, y) if quantize else y
+        if isinstance(spec, DerivedQuantizationSpec):
+            return self._derived(site, "output", spec, y, qparams, scope) if quantize else y
+        if isinstance(spec, SharedQuantizationSpec):
+            raise ValueError(f"site {site.name!r}: an output cannot use SharedQuantizationSpec")
+        layout = layout_of(site, "output", spec)
+        if spec.is_dynamic:
+            scale, zero_point = slots.dynamic_qparams(spec, layout, y)
+        else:
+            if self.mode != "eval":
+                state["output"] = slots.observe(spec, layout, state["output"], [y], self.mode == "calibrate")
+            scale, zero_point = slots.slot_qparams(state["output"])
+        return slots.fake_quant(spec, layout, y, scale, zero_point, spec.fake_quant == "lsq") if quantize else y
