@@ -1,0 +1,1 @@
+"""Small, self-contained example models and data used by the demo, the tests and the benchmarks."""

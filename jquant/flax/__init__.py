@@ -1,0 +1,15 @@
+"""QAT and PTQ in Flax training loops: schedules, a linen TrainState, an nnx wrapper, calibration, checkpoints."""
+
+from jquant.flax.calibrate import calibrate
+from jquant.flax.checkpoint import restore_checkpoint, save_checkpoint
+from jquant.flax.schedule import QATSchedule, scheduled_apply
+from jquant.flax.train_state import QATTrainState
+
+__all__ = [
+    "QATSchedule",
+    "QATTrainState",
+    "calibrate",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "scheduled_apply",
+]
