@@ -2,10 +2,12 @@
 
 from jquant.flax.calibrate import calibrate
 from jquant.flax.checkpoint import restore_checkpoint, save_checkpoint
+from jquant.flax.conv_bn import ConvBN
 from jquant.flax.schedule import QATSchedule, scheduled_apply
 from jquant.flax.train_state import QATTrainState
 
 __all__ = [
+    "ConvBN",
     "QATSchedule",
     "QATTrainState",
     "calibrate",
