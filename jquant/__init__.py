@@ -10,8 +10,24 @@ from jquant.numerics.packing import pack_int4, unpack_int4
 from jquant.numerics.qparams import FLOAT32_EPS, choose_qparams
 from jquant.numerics.qschemes import QSCHEMES
 from jquant.numerics.qtypes import QTYPES, qrange
+from jquant.transform import (
+    DerivedQuantizationSpec,
+    FixedQParamsSpec,
+    QuantizationSpec,
+    Rule,
+    SharedQuantizationSpec,
+    presets,
+    quantize,
+)
 
 __all__ = [
+    "DerivedQuantizationSpec",
+    "FixedQParamsSpec",
+    "QuantizationSpec",
+    "Rule",
+    "SharedQuantizationSpec",
+    "presets",
+    "quantize",
     "FLOAT32_EPS",
     "QSCHEMES",
     "QTYPES",
