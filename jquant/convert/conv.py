@@ -1,0 +1,195 @@
+"""Integer ``conv_general_dilated``: static W8A8 and dynamic (per-tensor) W8A8.
+
+Padding (and input dilation) is applied in the quantized domain with the activation's zero point, not 0, so
+that padded positions stand for the real value 0 and the zero-point correction via the weight sums stays exact.
+The convolution itself then runs unpadded, either as ``lax.conv_general_dilated(int8, int8,
+preferred_element_type=int32)`` or (``impl="im2col"``, the default for ungrouped convs) as strided slices
+concatenated into patches and one int8 matmul: on XLA:CPU the int8 matmul path is 1.5-2x faster than the int8
+convolution, and ``conv_general_dilated_patches`` on int8 is very slow.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jquant.convert.activation import dynamic_qparams, quantize_activation
+from jquant.convert.matmul import int8_matmul
+from jquant.convert.weights import QuantizedWeight
+from jquant.numerics.granularity import qparam_shape
+
+CONV_IMPLS = ("auto", "im2col", "conv")
+
+
+def _dimension_numbers(x_ndim: int, dimension_numbers: Any) -> lax.ConvDimensionNumbers:
+    shape = (1,) * x_ndim
+    return lax.conv_dimension_numbers(shape, shape, dimension_numbers)
+
+
+def _channels_last(x: jnp.ndarray, spec: tuple[int, ...]) -> jnp.ndarray:
+    """Input/output spec ``(batch, feature, spatial...)`` -> array ``(batch, spatial..., feature)``."""
+    return jnp.transpose(x, (spec[0], *spec[2:], spec[1]))
+
+
+def _kernel_spatial_first(w: jnp.ndarray, spec: tuple[int, ...]) -> jnp.ndarray:
+    """Kernel spec ``(out, in, spatial...)`` -> array ``(spatial..., in, out)``."""
+    return jnp.transpose(w, (*spec[2:], spec[1], spec[0]))
+
+
+def _explicit_padding(padding, in_spatial, window, strides, rhs_dilation, lhs_dilation):
+    if isinstance(padding, str):
+        if any(d != 1 for d in lhs_dilation):
+            raise ValueError("padding: give explicit (low, high) pads with lhs_dilation (as lax.conv_general_dilated)")
+        dilated_window = [(k - 1) * d + 1 for k, d in zip(window, rhs_dilation, strict=True)]
+        return lax.padtype_to_pads(in_spatial, dilated_window, strides, padding)
+    return [tuple(p) for p in padding]
+
+
+def _per_channel(w: QuantizedWeight, out_axis: int, name: str, p: jnp.ndarray | None) -> jnp.ndarray | None:
+    if p is None:
+        return None
+    counts = qparam_shape(w.shape, w.block_size)
+    if any(c != 1 for a, c in enumerate(counts) if a != out_axis):
+        raise ValueError(f"w: conv kernels need per-tensor or per-output-channel {name}, got block_size {w.block_size}")
+    return jnp.broadcast_to(p.reshape(-1), (w.shape[out_axis],))
+
+
+def _patches(xp: jnp.ndarray, window, strides, rhs_dilation) -> jnp.ndarray:
+    """``(N, spatial..., C)`` padded input -> ``(N, out_spatial..., prod(window) * C)`` patches (window-major)."""
+    spatial = xp.shape[1:-1]
+    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, d, s in zip(spatial, window, rhs_dilation, strides, strict=True)]
+    pieces = []
+    for offsets in itertools.product(*(range(k) for k in window)):
+        start = (0, *(o * d for o, d in zip(offsets, rhs_dilation, strict=True)), 0)
+        limit = (xp.shape[0], *(s0 + (n - 1) * s + 1 for s0, n, s in zip(start[1:-1], out, strides, strict=True)),
+                 xp.shape[-1])
+        pieces.append(lax.slice(xp, start, limit, (1, *strides, 1)))
+    return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+
+
+def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, impl, bias_q, pad_batch_one):
+    dn = _dimension_numbers(xq.ndim, dimension_numbers)
+    nsp = xq.ndim - 2
+    strides = tuple(window_strides) if window_strides is not None else (1,) * nsp
+    lhs_dilation = tuple(lhs_dilation) if lhs_dilation is not None else (1,) * nsp
+    rhs_dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nsp
+    out_axis = dn.rhs_spec[0]
+    w_scale = _per_channel(w, out_axis, "scales", w.scale)
+    if w.zero_point is not None:
+        raise ValueError("w: integer convolutions need symmetric weights (zero_point None)")
+    x_cl = _channels_last(xq, dn.lhs_spec)
+    k_sf = _kernel_spatial_first(w.int_values(), dn.rhs_spec)  # (spatial..., in, out)
+    window = k_sf.shape[:nsp]
+    pads = _explicit_padding(padding, x_cl.shape[1:-1], window, strides, rhs_dilation, lhs_dilation)
+    config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation, strict=True)] + [(0, 0, 0)]
+    xp = lax.pad(x_cl, x_zp.astype(jnp.int8), config)  # pad with the zero point: padded values mean 0.0
+    sums = jnp.sum(k_sf.astype(jnp.int32), axis=tuple(range(nsp + 1)))  # (out,)
+    if impl == "auto":
+        impl = "im2col" if feature_group_count == 1 else "conv"
+    if impl == "im2col":
+        if feature_group_count != 1:
+            raise ValueError("impl: 'im2col' needs feature_group_count == 1; use impl='conv' for grouped convs")
+        patches = _patches(xp, window, strides, rhs_dilation)
+        acc = int8_matmul(patches.reshape(-1, patches.shape[-1]), k_sf.reshape(-1, k_sf.shape[-1]),
+                          pad_batch_one=pad_batch_one).reshape(*patches.shape[:-1], -1)
+    elif impl == "conv":
+        spatial = "".join("HWDABCEFG"[:nsp])
+        cl = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+        acc = lax.conv_general_dilated(xp, k_sf, strides, "VALID", rhs_dilation=rhs_dilation,
+                                       dimension_numbers=cl, feature_group_count=feature_group_count,
+                                       preferred_element_type=jnp.int32)
+    else:
+        raise ValueError(f"impl: expected one of {CONV_IMPLS}, got {impl!r}")
+    acc = acc - x_zp * sums  # exact zero-point correction (padding carries the zero point)
+    if bias_q is not None:
+        acc = acc + bias_q
+    y = acc.astype(jnp.float32) * (x_scale * w_scale)
+    inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+    return y, inverse, out_axis
+
+
+def int8_conv(
+    x: jnp.ndarray,
+    w: QuantizedWeight,
+    window_strides=None,
+    padding: Any = "VALID",
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    *,
+    act_scale: Any,
+    act_zero_point: Any = 0,
+    act_dtype: Any = "uint8",
+    act_quant_min: int | None = None,
+    act_quant_max: int | None = None,
+    bias: Any = None,
+    bias_int32: bool = True,
+    impl: str = "auto",
+    pad_batch_one: bool | None = None,
+) -> jnp.ndarray:
+    """Static W8A8 ``lax.conv_general_dilated(x, w_float, ...)`` with int32 accumulation; returns float32.
+
+    Positional arguments follow ``lax.conv_general_dilated``. ``bias`` has one value per output feature and is
+    added in int32 with the derived scale ``act_scale * w_scale`` when ``bias_int32``.
+    """
+    x_scale = jnp.asarray(act_scale, jnp.float32)
+    if x_scale.size != 1:
+        raise ValueError(f"act_scale: static activations use one per-tensor scale, got shape {x_scale.shape}")
+    x_scale = x_scale.reshape(())
+    xq, x_zp = quantize_activation(x, x_scale, jnp.asarray(act_zero_point).reshape(()), dtype=act_dtype,
+                                   quant_min=act_quant_min, quant_max=act_quant_max)
+    return _finish(xq, x_zp, x_scale, w, bias, bias_int32, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, feature_group_count, impl, pad_batch_one)
+
+
+def dynamic_int8_conv(
+    x: jnp.ndarray,
+    w: QuantizedWeight,
+    window_strides=None,
+    padding: Any = "VALID",
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    *,
+    symmetric: bool = False,
+    bias: Any = None,
+    impl: str = "auto",
+    pad_batch_one: bool | None = None,
+) -> jnp.ndarray:
+    """Dynamic W8A8 convolution: one activation scale (and zero point) computed from ``x`` at run time."""
+    dtype = "int8" if symmetric else "uint8"
+    x_scale, x_zp = dynamic_qparams(x.astype(jnp.float32), tuple(range(x.ndim)), symmetric=symmetric, dtype=dtype)
+    x_scale, x_zp = x_scale.reshape(()), x_zp.reshape(())
+    xq, x_zp = quantize_activation(x, x_scale, x_zp, dtype=dtype)
+    return _finish(xq, x_zp, x_scale, w, bias, False, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, feature_group_count, impl, pad_batch_one)
+
+
+def _finish(xq, x_zp, x_scale, w, bias, bias_int32, window_strides, padding, lhs_dilation, rhs_dilation,
+            dimension_numbers, feature_group_count, impl, pad_batch_one):
+    if len(w.shape) != xq.ndim:
+        raise ValueError(f"w: kernel rank {len(w.shape)} does not match the input rank {xq.ndim}")
+    dn = _dimension_numbers(xq.ndim, dimension_numbers)
+    out_axis = dn.rhs_spec[0]
+    bias_f = None
+    if bias is not None:
+        bias_f = jnp.broadcast_to(jnp.asarray(bias, jnp.float32).reshape(-1), (w.shape[out_axis],))
+    bias_q = None
+    if bias_f is not None and bias_int32:
+        bias_q = jnp.round(bias_f / (x_scale * _per_channel(w, out_axis, "scales", w.scale))).astype(jnp.int32)
+        bias_f = None
+    y, inverse, _ = _integer_conv(
+        xq, x_zp, x_scale, w, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        impl=impl, bias_q=bias_q, pad_batch_one=pad_batch_one,
+    )
+    if bias_f is not None:
+        y = y + bias_f
+    return jnp.transpose(y, tuple(inverse))

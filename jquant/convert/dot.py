@@ -1,0 +1,248 @@
+"""Integer ``dot_general`` kernels: static W8A8, dynamic W8A8 and weight-only (int8 / packed int4).
+
+Each kernel computes what ``lax.dot_general(x, w_float, dimension_numbers)`` computes (with ``x`` and the weight
+in the positions given by ``weight_side``), from a ``QuantizedWeight`` made once ahead of time. Internally the
+operands are brought to ``(M, K) @ (K, N)`` (free transposes/reshapes for the usual layouts), multiplied as
+int8 x int8 -> int32, corrected for zero points in int32, and rescaled once to float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jquant.convert.activation import dynamic_qparams, quantize_activation
+from jquant.convert.matmul import int8_grouped_matmul, zero_point_corrected
+from jquant.convert.weights import QuantizedWeight, canonical_groups, canonical_matrix
+from jquant.numerics.affine import reciprocal, round_to_grid
+from jquant.numerics.granularity import qparam_shape
+from jquant.numerics.qtypes import qrange, storage_dtype
+
+WEIGHT_ONLY_IMPLS = ("auto", "dynamic", "dequantize")
+
+
+@dataclass(frozen=True)
+class DotLayout:
+    """How a ``dot_general`` with one weight operand maps onto ``(M, K) @ (K, N)``."""
+
+    x_contract: tuple[int, ...]
+    x_free: tuple[int, ...]
+    w_contract: tuple[int, ...]
+    w_free: tuple[int, ...]
+    weight_side: str
+
+    @classmethod
+    def of(cls, x_ndim: int, w_ndim: int, dimension_numbers: Any, weight_side: str) -> DotLayout:
+        (lc, rc), (lb, rb) = dimension_numbers
+        if weight_side not in ("lhs", "rhs"):
+            raise ValueError(f"weight_side: expected 'lhs' or 'rhs', got {weight_side!r}")
+        if lb or rb:
+            raise ValueError(
+                f"dimension_numbers: the weight operand has batch dims {tuple(rb if weight_side == 'rhs' else lb)}; "
+                "integer kernels need a weight without batch dims (slice it per batch element first)"
+            )
+        xc, wc = (tuple(lc), tuple(rc)) if weight_side == "rhs" else (tuple(rc), tuple(lc))
+        xf = tuple(a for a in range(x_ndim) if a not in xc)
+        wf = tuple(a for a in range(w_ndim) if a not in wc)
+        return cls(xc, xf, wc, wf, weight_side)
+
+    def x_matrix(self, x: jnp.ndarray) -> jnp.ndarray:
+        return jnp.transpose(x, self.x_free + self.x_contract).reshape(-1, self.k(x.shape))
+
+    def k(self, x_shape: tuple[int, ...]) -> int:
+        return int(np.prod([x_shape[a] for a in self.x_contract]))
+
+    def output(self, out2d: jnp.ndarray, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> jnp.ndarray:
+        xs = tuple(x_shape[a] for a in self.x_free)
+        ws = tuple(w_shape[a] for a in self.w_free)
+        out = out2d.reshape(xs + ws)
+        if self.weight_side == "lhs":
+            out = jnp.transpose(out, tuple(range(len(xs), len(xs) + len(ws))) + tuple(range(len(xs))))
+        return out
+
+
+@dataclass(frozen=True)
+class CanonicalWeight:
+    """A ``QuantizedWeight`` as ``q (K, N)`` int8 with per-group ``scale``/``zero_point``/``sums`` ``(G, N)``."""
+
+    q: jnp.ndarray
+    scale: jnp.ndarray
+    zero_point: jnp.ndarray | None
+    sums: jnp.ndarray
+    groups: int
+
+    @classmethod
+    def of(cls, w: QuantizedWeight, contract: tuple[int, ...], free: tuple[int, ...]) -> CanonicalWeight:
+        if w.dtype not in ("int8", "int4"):
+            raise ValueError(f"w: integer kernels need an int8 or int4 QuantizedWeight, got {w.dtype!r}")
+        q = canonical_matrix(w.int_values(), contract, free)
+        groups = canonical_groups(w.shape, w.block_size, contract)
+        counts = qparam_shape(w.shape, w.block_size)
+        for a in free:
+            if counts[a] not in (1, w.shape[a]):
+                raise ValueError(f"w: block_size {w.block_size} splits output axis {a}; only per-channel is supported")
+
+        def per_group(p):
+            target = [counts[a] for a in contract] + [w.shape[a] for a in free]
+            p = jnp.transpose(p.reshape(counts), contract + free)
+            return jnp.broadcast_to(p, target).reshape(groups, -1)
+
+        scale = per_group(w.scale)
+        zero_point = None if w.zero_point is None else per_group(w.zero_point.astype(jnp.int32))
+        if w.w_sums is not None and w.sum_axes == contract:
+            sums = w.w_sums
+        else:  # not precomputed for this contraction: one reduction over the weight per call
+            sums = jnp.sum(q.astype(jnp.int32).reshape(groups, -1, q.shape[1]), axis=1)
+        return cls(q, scale, zero_point, sums, groups)
+
+
+def _integer_dot(xq, x_zp, x_scale, cw: CanonicalWeight, pad_batch_one, bias_q=None) -> jnp.ndarray:
+    """Float32 ``(M, N)`` result of ``(xq - x_zp) * x_scale`` times the dequantized canonical weight."""
+    k = xq.shape[1]
+    acc = int8_grouped_matmul(xq, cw.q, cw.groups, pad_batch_one=pad_batch_one)
+    acc = zero_point_corrected(acc, xq, x_zp, cw.sums, cw.zero_point, k // cw.groups)
+    if cw.groups == 1:
+        acc = acc[0] if bias_q is None else acc[0] + bias_q
+        return acc.astype(jnp.float32) * (x_scale * cw.scale[0])
+    return jnp.sum(acc.astype(jnp.float32) * cw.scale[:, None, :], axis=0) * x_scale
+
+
+def _requantize(y, out_scale, out_zero_point, out_dtype, quant_min, quant_max):
+    qmin, qmax = qrange(out_dtype, quant_min, quant_max)
+    zp = jnp.asarray(out_zero_point, jnp.int32)
+    q = round_to_grid(y, reciprocal(jnp.asarray(out_scale, jnp.float32)), zp)
+    return jnp.clip(q, qmin, qmax).astype(storage_dtype(out_dtype))
+
+
+def _bias_for_output(bias, layout: DotLayout, w: QuantizedWeight) -> jnp.ndarray:
+    if layout.weight_side != "rhs":
+        raise ValueError("bias: only supported with weight_side='rhs' (bias along the last output dims)")
+    free_shape = tuple(w.shape[a] for a in layout.w_free)
+    return jnp.broadcast_to(jnp.asarray(bias, jnp.float32), free_shape).reshape(-1)
+
+
+def int8_dot_general(
+    x: jnp.ndarray,
+    w: QuantizedWeight,
+    dimension_numbers: Any,
+    *,
+    act_scale: Any,
+    act_zero_point: Any = 0,
+    act_dtype: Any = "uint8",
+    act_quant_min: int | None = None,
+    act_quant_max: int | None = None,
+    weight_side: str = "rhs",
+    bias: Any = None,
+    bias_int32: bool = True,
+    out_scale: Any = None,
+    out_zero_point: Any = 0,
+    out_dtype: Any = "uint8",
+    out_quant_min: int | None = None,
+    out_quant_max: int | None = None,
+    pad_batch_one: bool | None = None,
+) -> jnp.ndarray:
+    """Static W8A8 ``dot_general``: calibrated per-tensor activation qparams, int8 weight, int32 accumulation.
+
+    ``x`` is float (quantized here with ``act_scale``/``act_zero_point``) or already-quantized integers.
+    ``bias`` (float, along the weight's output dims) is added in int32 with the derived scale
+    ``act_scale * w_scale`` when ``bias_int32`` (per-channel weights), else in float. Returns float32, or the
+    output quantized with ``out_scale``/``out_zero_point`` as ``out_dtype`` when ``out_scale`` is given.
+    """
+    layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
+    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free)
+    x_scale = jnp.asarray(act_scale, jnp.float32)
+    if x_scale.size != 1:
+        raise ValueError(f"act_scale: static activations use one per-tensor scale, got shape {x_scale.shape}")
+    x_scale = x_scale.reshape(())
+    xq, x_zp = quantize_activation(
+        x, x_scale, jnp.asarray(act_zero_point).reshape(()), dtype=act_dtype,
+        quant_min=act_quant_min, quant_max=act_quant_max,
+    )
+    bias_q, bias_f = None, None
+    if bias is not None:
+        bias_f = _bias_for_output(bias, layout, w)
+        if bias_int32 and cw.groups == 1:
+            derived = x_scale * cw.scale[0]
+            bias_q = jnp.round(bias_f / derived).astype(jnp.int32)
+            bias_f = None
+    y = _integer_dot(layout.x_matrix(xq), x_zp, x_scale, cw, pad_batch_one, bias_q)
+    if bias_f is not None:
+        y = y + bias_f
+    y = layout.output(y, x.shape, w.shape)
+    if out_scale is not None:
+        return _requantize(y, out_scale, out_zero_point, out_dtype, out_quant_min, out_quant_max)
+    return y
+
+
+def dynamic_int8_dot_general(
+    x: jnp.ndarray,
+    w: QuantizedWeight,
+    dimension_numbers: Any,
+    *,
+    weight_side: str = "rhs",
+    per_token: bool = True,
+    symmetric: bool = True,
+    bias: Any = None,
+    pad_batch_one: bool | None = None,
+) -> jnp.ndarray:
+    """Dynamic W8A8 ``dot_general``: activation qparams computed at run time (per row of the ``(M, K)``
+    activation when ``per_token``, else per tensor; symmetric int8 or affine uint8), int8 weight."""
+    layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
+    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free)
+    x2 = layout.x_matrix(x).astype(jnp.float32)
+    axes = (1,) if per_token else (0, 1)
+    dtype = "int8" if symmetric else "uint8"
+    x_scale, x_zp = dynamic_qparams(x2, axes, symmetric=symmetric, dtype=dtype)
+    xq, x_zp = quantize_activation(x2, x_scale, x_zp, dtype=dtype)
+    y = _integer_dot(xq, x_zp, x_scale, cw, pad_batch_one)
+    if bias is not None:
+        y = y + _bias_for_output(bias, layout, w)
+    return layout.output(y, x.shape, w.shape)
+
+
+def weight_only_dot_general(
+    x: jnp.ndarray,
+    w: QuantizedWeight,
+    dimension_numbers: Any,
+    *,
+    weight_side: str = "rhs",
+    bias: Any = None,
+    impl: str = "auto",
+    pad_batch_one: bool | None = None,
+) -> jnp.ndarray:
+    """Weight-only ``dot_general`` (int8 or group-wise int4 weight, float activation).
+
+    ``impl="dequantize"``: float activation times the dequantized weight (exactly the weight-only fake-quant
+    numerics). ``impl="dynamic"``: the activation is quantized per row to int8 at run time and the int8 dot is
+    used (adds one activation rounding; the fast path on CPU, where XLA does not fuse the int->float weight
+    convert into the dot). ``"auto"`` picks ``"dynamic"`` on CPU and ``"dequantize"`` elsewhere.
+    """
+    if impl not in WEIGHT_ONLY_IMPLS:
+        raise ValueError(f"impl: expected one of {WEIGHT_ONLY_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "dynamic" if jax.default_backend() == "cpu" else "dequantize"
+    if impl == "dynamic":
+        return dynamic_int8_dot_general(
+            x, w, dimension_numbers, weight_side=weight_side, bias=bias, pad_batch_one=pad_batch_one
+        )
+    layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
+    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free)
+    x2 = layout.x_matrix(x)
+    dtype = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
+    k, n = cw.q.shape
+    wq = cw.q.reshape(cw.groups, k // cw.groups, n).astype(dtype)
+    if cw.zero_point is not None:
+        wq = wq - cw.zero_point[:, None, :].astype(dtype)
+    if cw.groups == 1:  # per-channel: scale after the dot (scale is constant along K)
+        y = lax.dot(x2.astype(dtype), wq[0], preferred_element_type=jnp.float32) * cw.scale[0]
+    else:
+        wf = (wq * cw.scale[:, None, :].astype(dtype)).reshape(k, n)
+        y = lax.dot(x2.astype(dtype), wf, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + _bias_for_output(bias, layout, w)
+    return layout.output(y, x.shape, w.shape).astype(dtype)

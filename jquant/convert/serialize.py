@@ -1,0 +1,184 @@
+"""Save / load converted params (safetensors) and export integer functions with ``jax.export``.
+
+The safetensors file is self-describing: tensors are stored under their pytree path and the tree skeleton
+(dicts, lists, tuples, None, ``QuantizedWeight`` layout fields) is kept as JSON in the file's metadata, so
+``load_int_params(path)`` needs no template. Exported functions take the params as a flat list of leaves (the
+tree structure is not stored), so no custom pytree serialization has to be registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jquant.convert.weights import QuantizedWeight
+
+_FORMAT = "jquant.int_params.v1"
+_QW_ARRAYS = ("qvalue", "scale", "zero_point", "w_sums")
+_EXPORT_FORMAT = "jquant.exported.v1"
+
+
+def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
+    if node is None:
+        return None
+    if isinstance(node, QuantizedWeight):
+        spec = {"__quantized_weight__": {}}
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if f.name in _QW_ARRAYS:
+                spec["__quantized_weight__"][f.name] = _encode(value, f"{path}.{f.name}", tensors)
+            else:
+                spec["__quantized_weight__"][f.name] = list(value) if isinstance(value, tuple) else value
+        return spec
+    if isinstance(node, Mapping):
+        for key in node:
+            if not isinstance(key, str):
+                raise TypeError(f"params: dict key {key!r} at {path or '<root>'} is not a string; cannot save it")
+        return {"__dict__": {k: _encode(v, f"{path}/{k}", tensors) for k, v in node.items()}}
+    if isinstance(node, list | tuple):
+        kind = "__list__" if isinstance(node, list) else "__tuple__"
+        return {kind: [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(node)]}
+    if isinstance(node, jax.Array | np.ndarray | np.generic | int | float | bool):
+        key = path or "/"
+        tensors[key] = np.ascontiguousarray(np.asarray(node))
+        return {"__tensor__": key}
+    raise TypeError(f"params: cannot save a {type(node).__name__} at {path or '<root>'}; "
+                    "expected dicts, lists, tuples, arrays and QuantizedWeight")
+
+
+def _decode(spec: Any, tensors: Mapping[str, np.ndarray]) -> Any:
+    if spec is None:
+        return None
+    if "__tensor__" in spec:
+        return jax.numpy.asarray(tensors[spec["__tensor__"]])
+    if "__dict__" in spec:
+        return {k: _decode(v, tensors) for k, v in spec["__dict__"].items()}
+    if "__list__" in spec:
+        return [_decode(v, tensors) for v in spec["__list__"]]
+    if "__tuple__" in spec:
+        return tuple(_decode(v, tensors) for v in spec["__tuple__"])
+    if "__quantized_weight__" in spec:
+        fields = {}
+        for name, value in spec["__quantized_weight__"].items():
+            if name in _QW_ARRAYS:
+                fields[name] = _decode(value, tensors)
+            else:
+                fields[name] = tuple(value) if isinstance(value, list) else value
+        return QuantizedWeight(**fields)
+    raise ValueError(f"params file: unknown node {sorted(spec)} in the stored tree skeleton")
+
+
+def save_int_params(path: str | Path, params: Any) -> None:
+    """Write ``params`` (a tree of dicts / lists / tuples / arrays / ``QuantizedWeight``) to a safetensors file."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    skeleton = _encode(params, "", tensors)
+    save_file(tensors, str(path), metadata={"format": _FORMAT, "tree": json.dumps(skeleton)})
+
+
+def load_int_params(path: str | Path) -> Any:
+    """Read a file written by ``save_int_params`` back into the same tree (int arrays stay int)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"path: {path} is not a jquant int params file (format {metadata.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    return _decode(json.loads(metadata["tree"]), tensors)
+
+
+def export_int_fn(int_fn: Callable, int_params: Any, *args: Any) -> bytes:
+    """Serialize ``jit(int_fn)(int_params, *args)`` with ``jax.export``: StableHLO with the int8 ops.
+
+    The result is for ``load_exported``; shapes and dtypes of ``int_params`` and ``args`` (arrays) are fixed,
+    and the reloaded function returns its output leaves (one array, or a list for several outputs).
+    """
+    leaves, treedef = jax.tree.flatten(int_params)
+    out_tree = []
+
+    def flat_fn(param_leaves, *inputs):
+        out_leaves, tree = jax.tree.flatten(int_fn(jax.tree.unflatten(treedef, param_leaves), *inputs))
+        out_tree.append(tree)
+        return out_leaves
+
+    exported = jax.export.export(jax.jit(flat_fn))(leaves, *args)
+    if exported.ordered_effects or exported.unordered_effects or exported.nr_devices != 1:
+        raise ValueError("int_fn: only single-device functions without side effects can be exported")
+    header = {
+        "format": _EXPORT_FORMAT,
+        "fun_name": exported.fun_name,
+        "num_leaves": len(leaves),
+        "num_args": len(args),
+        "in_avals": [_aval_json(a) for a in exported.in_avals],
+        "out_avals": [_aval_json(a) for a in exported.out_avals],
+        "single_output": out_tree[0].num_leaves == 1 and out_tree[0].num_nodes == 1,
+        "platforms": list(exported.platforms),
+        "calling_convention_version": exported.calling_convention_version,
+        "module_kept_var_idx": list(exported.module_kept_var_idx),
+        "uses_global_constants": exported.uses_global_constants,
+    }
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(4, "little") + encoded + bytes(exported.mlir_module_serialized)
+
+
+def load_exported(blob: bytes) -> Callable:
+    """Inverse of ``export_int_fn``: a callable ``f(int_params, *args)`` running the stored StableHLO.
+
+    jax's own ``Exported.serialize`` needs the optional ``flatbuffers`` package; this format keeps the
+    serialized StableHLO module plus a JSON header and rebuilds the ``jax.export.Exported`` from them.
+    """
+    size = int.from_bytes(blob[:4], "little")
+    header = json.loads(blob[4 : 4 + size])
+    if header.get("format") != _EXPORT_FORMAT:
+        raise ValueError("blob: not produced by jquant.convert.export_int_fn")
+    n_in, n_out = len(header["in_avals"]), len(header["out_avals"])
+    placeholder = object()
+    in_tree = jax.tree.structure((([placeholder] * header["num_leaves"], *[placeholder] * header["num_args"]), {}))
+    exported = jax.export.Exported(
+        fun_name=header["fun_name"],
+        in_tree=in_tree,
+        in_avals=tuple(_aval_from_json(a) for a in header["in_avals"]),
+        out_tree=jax.tree.structure([placeholder] * n_out),
+        out_avals=tuple(_aval_from_json(a) for a in header["out_avals"]),
+        _has_named_shardings=False,
+        _in_named_shardings=(None,) * n_in,
+        _out_named_shardings=(None,) * n_out,
+        in_shardings_hlo=(None,) * n_in,
+        out_shardings_hlo=(None,) * n_out,
+        nr_devices=1,
+        platforms=tuple(header["platforms"]),
+        ordered_effects=(),
+        unordered_effects=(),
+        disabled_safety_checks=(),
+        mlir_module_serialized=bytes(blob[4 + size :]),
+        calling_convention_version=header["calling_convention_version"],
+        module_kept_var_idx=tuple(header["module_kept_var_idx"]),
+        uses_global_constants=header["uses_global_constants"],
+        _get_vjp=None,
+    )
+
+    def call(int_params, *args):
+        leaves = jax.tree.leaves(int_params)
+        if len(leaves) != header["num_leaves"]:
+            raise ValueError(f"int_params: expected {header['num_leaves']} array leaves, got {len(leaves)}")
+        out = exported.call(leaves, *args)
+        return out[0] if header["single_output"] else out
+
+    call.exported = exported  # the jax.export.Exported, e.g. for .mlir_module()
+    return call
+
+
+def _aval_json(aval) -> dict:
+    return {"shape": list(aval.shape), "dtype": np.dtype(aval.dtype).name}
+
+
+def _aval_from_json(spec: dict):
+    return jax.core.ShapedArray(tuple(spec["shape"]), np.dtype(spec["dtype"]))

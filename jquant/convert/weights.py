@@ -1,0 +1,199 @@
+"""Ahead-of-time weight quantization: float weights become int8 / packed int4 arrays plus scales.
+
+A ``QuantizedWeight`` is a pytree leaf container: its arrays (``qvalue``, ``scale``, ``zero_point``, ``w_sums``)
+are children, its layout facts (dtype, shape, block size, packing) are static aux data, so it passes through
+``jit``, ``tree_map`` and checkpointing like any params pytree. Scales follow ``jquant.numerics.granularity``:
+``scale.shape == shape[i] // block_size[i]`` per dim, so one field covers per-tensor, per-channel and per-group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.numerics.affine import dequantize_affine, quantize_affine
+from jquant.numerics.granularity import normalize_axis, qparam_shape
+from jquant.numerics.packing import pack_int4, unpack_int4
+from jquant.numerics.qparams import choose_qparams
+from jquant.numerics.qtypes import canonical_dtype
+
+WEIGHT_DTYPES = ("int8", "int4")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """An integer weight with its quantization parameters; the float weight is not kept.
+
+    ``qvalue``: int8 values, or for ``packed`` int4 two values per uint8 byte along ``packed_axis``.
+    ``scale``: float32 of shape ``shape[i] // block_size[i]``. ``zero_point``: int32 like ``scale`` or None
+    (symmetric). ``w_sums``: int32 sums of the integer values over ``sum_axes`` (precomputed for the
+    activation zero-point correction of W8A8 kernels) or None.
+    """
+
+    qvalue: jnp.ndarray
+    scale: jnp.ndarray
+    zero_point: jnp.ndarray | None
+    w_sums: jnp.ndarray | None = None
+    dtype: str = field(default="int8", metadata=dict(static=True))
+    shape: tuple[int, ...] = field(default=(), metadata=dict(static=True))
+    block_size: tuple[int, ...] = field(default=(), metadata=dict(static=True))
+    axis: int | None = field(default=None, metadata=dict(static=True))
+    group_size: int | None = field(default=None, metadata=dict(static=True))
+    group_axis: int | None = field(default=None, metadata=dict(static=True))
+    packed: bool = field(default=False, metadata=dict(static=True))
+    packed_axis: int | None = field(default=None, metadata=dict(static=True))
+    sum_axes: tuple[int, ...] | None = field(default=None, metadata=dict(static=True))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (int values, scales, zero points, sums)."""
+        return tree_nbytes([self.qvalue, self.scale, self.zero_point, self.w_sums])
+
+    def int_values(self) -> jnp.ndarray:
+        """The integer values as an int8 array of ``shape`` (unpacks int4)."""
+        if self.packed:
+            return unpack_int4(self.qvalue, axis=self.packed_axis, signed=True)
+        return self.qvalue
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jnp.ndarray:
+        """The float weight the integer values stand for (what fake-quant computes)."""
+        q = self.int_values()
+        return dequantize_affine(q, self.scale, self.zero_point, block_size=self.block_size, dtype=dtype)
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Total bytes of the array leaves of ``tree`` (None leaves count 0)."""
+    return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)))
+
+
+def weight_block_size(
+    shape: Sequence[int], *, axis: int | None, group_size: int | None, group_axis: int | None
+) -> tuple[int, ...]:
+    """Block size for per-tensor (``axis=None``), per-channel (``axis``) or per-group (plus ``group_size``)."""
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    block = list(shape)
+    if axis is not None:
+        block[normalize_axis(axis, ndim, "axis")] = 1
+    if group_size is not None:
+        if group_axis is None:
+            raise ValueError("group_axis: per-group quantization needs the (contracted) axis the groups run along")
+        g = normalize_axis(group_axis, ndim, "group_axis")
+        if axis is not None and g == normalize_axis(axis, ndim):
+            raise ValueError(f"group_axis: {group_axis} is the channel axis; groups run along a contracted axis")
+        if group_size < 1 or shape[g] % group_size:
+            raise ValueError(f"group_size: {group_size} does not divide dim {g} of size {shape[g]} (shape {shape})")
+        block[g] = group_size
+    return tuple(block)
+
+
+def quantize_weight(
+    w: Any,
+    *,
+    dtype: str = "int8",
+    axis: int | None = -1,
+    group_size: int | None = None,
+    group_axis: int | None = None,
+    symmetric: bool = True,
+    scale: Any = None,
+    zero_point: Any = None,
+    contracting_axes: Sequence[int] | None = None,
+    pack: bool = True,
+) -> QuantizedWeight:
+    """Quantize a float weight once, ahead of time.
+
+    ``axis``: the output-channel axis for per-channel scales (None: per tensor; Flax kernels use -1).
+    ``group_size``/``group_axis``: additionally split ``group_axis`` (the contracted axis) into groups.
+    ``scale``/``zero_point``: use these qparams (e.g. from a calibrated observer) instead of min/max of ``w``.
+    ``contracting_axes``: the axes a dot / conv contracts; precomputes the per-group integer sums
+    (``w_sums``, shape ``(G, N)`` in the canonical layout) used by the W8A8 activation zero-point correction.
+    int4 values are packed two per byte along the last axis of even size when ``pack``.
+    """
+    name = canonical_dtype(dtype)
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype: weights are stored as one of {WEIGHT_DTYPES}, got {dtype!r}")
+    w = jnp.asarray(w, jnp.float32)
+    if w.ndim == 0:
+        raise ValueError("w: expected an array with at least one dim, got a scalar")
+    axis_n = None if axis is None else normalize_axis(axis, w.ndim, "axis")
+    group_n = None if group_axis is None else normalize_axis(group_axis, w.ndim, "group_axis")
+    block = weight_block_size(w.shape, axis=axis_n, group_size=group_size, group_axis=group_n)
+    counts = qparam_shape(w.shape, block)
+    if scale is None:
+        blocked = _blocked_view(w, block)
+        reduce_axes = tuple(range(1, 2 * w.ndim, 2))
+        qscheme = "per_tensor_symmetric" if symmetric else "per_tensor_affine"
+        scale, zero_point = choose_qparams(
+            blocked.min(axis=reduce_axes), blocked.max(axis=reduce_axes), dtype=name, qscheme=qscheme
+        )
+    scale = jnp.asarray(scale, jnp.float32).reshape(counts)
+    if zero_point is not None:
+        zero_point = jnp.asarray(zero_point, jnp.int32).reshape(counts)
+        if symmetric and not bool(jnp.all(zero_point == 0)):
+            raise ValueError("zero_point: symmetric weights need zero points of 0; pass symmetric=False")
+    if symmetric:
+        zero_point = None
+    zp = jnp.zeros(counts, jnp.int32) if zero_point is None else zero_point
+    q = quantize_affine(w, scale, zp, dtype=name, block_size=block)
+    w_sums, sum_axes = None, None
+    if contracting_axes is not None:
+        sum_axes = tuple(normalize_axis(a, w.ndim, "contracting_axes") for a in contracting_axes)
+        free = tuple(a for a in range(w.ndim) if a not in sum_axes)
+        q2d = canonical_matrix(q, sum_axes, free)
+        groups = canonical_groups(w.shape, block, sum_axes)
+        w_sums = jnp.sum(q2d.astype(jnp.int32).reshape(groups, -1, q2d.shape[1]), axis=1)
+    packed, packed_axis = False, None
+    if name == "int4" and pack:
+        packed_axis = _pack_axis(w.shape)
+        q = pack_int4(q, axis=packed_axis)
+        packed = True
+    return QuantizedWeight(
+        qvalue=q,
+        scale=scale,
+        zero_point=zero_point,
+        w_sums=w_sums,
+        dtype=name,
+        shape=tuple(w.shape),
+        block_size=block,
+        axis=axis_n,
+        group_size=group_size,
+        group_axis=group_n,
+        packed=packed,
+        packed_axis=packed_axis,
+        sum_axes=sum_axes,
+    )
+
+
+def canonical_matrix(q: jnp.ndarray, contracting: Sequence[int], free: Sequence[int]) -> jnp.ndarray:
+    """``q`` as a ``(K, N)`` matrix: contracting axes first (in the given order), then free axes."""
+    k = int(np.prod([q.shape[a] for a in contracting]))
+    return jnp.transpose(q, tuple(contracting) + tuple(free)).reshape(k, -1)
+
+
+def canonical_groups(shape: Sequence[int], block: Sequence[int], contracting: Sequence[int]) -> int:
+    """Number of scale groups along the (flattened) contracting axes; groups need a single contracting axis."""
+    counts = qparam_shape(shape, block)
+    groups = int(np.prod([counts[a] for a in contracting]))
+    if groups > 1 and len(contracting) != 1:
+        raise ValueError(
+            f"block_size: per-group scales {tuple(block)} need exactly one contracting axis, got {tuple(contracting)}"
+        )
+    return groups
+
+
+def _blocked_view(w: jnp.ndarray, block: Sequence[int]) -> jnp.ndarray:
+    interleaved = tuple(v for n, b in zip(w.shape, block, strict=True) for v in (n // b, b))
+    return w.reshape(interleaved)
+
+
+def _pack_axis(shape: Sequence[int]) -> int:
+    for a in range(len(shape) - 1, -1, -1):
+        if shape[a] % 2 == 0:
+            return a
+    raise ValueError(f"w: int4 packing needs an axis of even size, shape {tuple(shape)} has none; pass pack=False")
