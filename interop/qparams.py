@@ -1,0 +1,495 @@
+"""Quantization parameters of torch checkpoints as a neutral table, both ways.
+
+A :class:`QParamRecord` holds the qparams of one tensor of one torch module: ``table[module][role]``
+with role ``"weight"``, ``"input"`` or ``"output"``. Readers (``read_torch_qparams``) recognise:
+
+* eager QAT (``prepare_qat``): ``<m>.weight_fake_quant.*`` (role weight) and
+  ``<m>.activation_post_process.*`` (role output of ``<m>``), for FakeQuantize and
+  FusedMovingAvgObsFakeQuantize: ``scale``/``zero_point`` as stored, observer ``min_val``/``max_val``.
+  FX-prepared observers at the root (``activation_post_process_0``) are named by themselves, role output;
+* FX reference modules (``convert_to_reference_fx``): ``<m>.weight_scale``, ``<m>.weight_zero_point``,
+  ``<m>.weight_axis``, ``<m>.weight_qscheme``, ``<m>.weight_dtype``; activation qparams
+  ``<node>_input_scale_0`` (role input) and ``<node>_scale_0`` (role output), named by the FX node;
+* converted eager quantized modules: quantized ``<m>.weight`` (packed Linear params included, see
+  :func:`interop.load_torch_checkpoint`), output ``<m>.scale``/``<m>.zero_point``;
+* torchao tensor subclasses through their flattened safetensors (``<m>._weight_qdata``,
+  ``<m>._weight_scale``, optional ``<m>._weight_zero_point``, JSON metadata per tensor), read
+  without importing torchao;
+* gpt-fast weight-only int8: ``<m>.weight`` int8 (out, in) and ``<m>.scales`` (out,).
+
+The state_dict of a QAT model does not hold the dtype, qscheme or integer range: pass the torch
+``model`` to read them from its fake-quant modules, else torch's defaults are assumed (weights int8
+symmetric, per channel when there are several scales, range -128..127; activations uint8 affine
+0..255) and the record lists those fields in ``inferred``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from interop.errors import InteropError
+from interop.records import QuantizedTensor
+from jquant.numerics.qschemes import canonical_qscheme, is_per_channel
+from jquant.numerics.qtypes import INT_RANGES, canonical_dtype
+
+ROLES = ("weight", "input", "output")
+
+
+@dataclass(frozen=True, eq=False)
+class QParamRecord:
+    """Qparams of one tensor (``role``) of one torch module, with torch's storage dtypes kept."""
+
+    module: str
+    role: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    dtype: str
+    qscheme: str
+    quant_min: int
+    quant_max: int
+    source: str
+    block_size: tuple[int, ...] | None = None
+    min_val: np.ndarray | None = None
+    max_val: np.ndarray | None = None
+    qdata: np.ndarray | None = None
+    torch_keys: tuple[str, ...] = ()
+    inferred: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role: {self.role!r} is not one of {ROLES} (module {self.module!r})")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        object.__setattr__(self, "qscheme", canonical_qscheme(self.qscheme))
+
+    def equals(self, other: QParamRecord) -> bool:
+        """Exact equality of every field (arrays by value and dtype)."""
+
+        def same(a, b):
+            if a is None or b is None:
+                return a is b
+            a, b = np.asarray(a), np.asarray(b)
+            return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+        arrays = ("scale", "zero_point", "min_val", "max_val", "qdata")
+        plain = ("module", "role", "axis", "dtype", "qscheme", "quant_min", "quant_max", "block_size")
+        return all(getattr(self, f) == getattr(other, f) for f in plain) and all(
+            same(getattr(self, f), getattr(other, f)) for f in arrays
+        )
+
+
+QParamTable = dict[str, dict[str, QParamRecord]]
+
+
+def _add(table: QParamTable, rec: QParamRecord) -> None:
+    slot = table.setdefault(rec.module, {})
+    if rec.role in slot:
+        raise InteropError(
+            f"module {rec.module!r}: two {rec.role} qparam sets ({slot[rec.role].torch_keys} and {rec.torch_keys})"
+        )
+    slot[rec.role] = rec
+
+
+def _as_arrays(state: Mapping[str, Any]) -> dict[str, Any]:
+    from interop.tensors import to_numpy
+
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray | QuantizedTensor | str | np.generic):
+            out[key] = value
+        else:
+            out[key] = to_numpy(value, key)
+    return out
+
+
+def read_torch_qparams(
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    model: Any = None,
+    metadata: Mapping[str, str] | None = None,
+) -> QParamTable:
+    """Read every qparam set of a torch checkpoint (path) or state_dict into ``{module: {role: record}}``.
+
+    ``model``: the torch module the state_dict comes from (QAT: its fake-quant modules give dtype,
+    qscheme and range). ``metadata``: safetensors metadata when passing a torchao flattened dict.
+    """
+    if isinstance(source, str | os.PathLike):
+        from interop.checkpoint import load_torch_checkpoint
+        from interop.safetensors_io import read_safetensors
+
+        path = os.fspath(source)
+        state = load_torch_checkpoint(path)
+        if path.endswith(".safetensors") and metadata is None:
+            metadata = read_safetensors(path)[1]
+    else:
+        state = _as_arrays(source)
+    table: QParamTable = {}
+    used: set[str] = set()
+    _read_eager_qat(state, model, table, used)
+    _read_fx_reference(state, table, used)
+    _read_torchao(state, metadata or {}, table, used)
+    _read_converted(state, table, used)
+    _read_gpt_fast(state, table, used)
+    return table
+
+
+def _fq_config(model: Any, path: str, role: str, scale: np.ndarray) -> tuple[dict, tuple[str, ...]]:
+    if model is not None:
+        try:
+            fq = model.get_submodule(path)
+        except AttributeError as err:
+            raise InteropError(f"model: has no fake-quant module {path!r} named in the state_dict") from err
+        per_channel = "per_channel" in str(fq.qscheme)
+        return {
+            "dtype": _qtype_name(str(fq.dtype)),
+            "qscheme": str(fq.qscheme),
+            "quant_min": int(fq.quant_min),
+            "quant_max": int(fq.quant_max),
+            "axis": int(fq.ch_axis) if per_channel else None,
+        }, ()
+    inferred = ("dtype", "qscheme", "quant_min", "quant_max", "axis")
+    if role == "weight":
+        per_channel = scale.size > 1
+        cfg = {
+            "dtype": "int8",
+            "qscheme": "per_channel_symmetric" if per_channel else "per_tensor_symmetric",
+            "quant_min": -128,
+            "quant_max": 127,
+            "axis": 0 if per_channel else None,
+        }
+    else:
+        cfg = {"dtype": "uint8", "qscheme": "per_tensor_affine", "quant_min": 0, "quant_max": 255, "axis": None}
+    return cfg, inferred
+
+
+def _qtype_name(name: str) -> str:
+    return canonical_dtype(name.removeprefix("torch."))
+
+
+def _read_eager_qat(state, model, table, used) -> None:
+    for key in [k for k in state if k.endswith("fake_quant_enabled")]:
+        prefix = key[: -len("fake_quant_enabled")].rstrip(".")
+        dot = f"{prefix}." if prefix else ""
+        scale_key, zp_key = f"{dot}scale", f"{dot}zero_point"
+        if scale_key not in state or zp_key not in state:
+            raise InteropError(f"{key}: fake-quant buffers without {scale_key!r}/{zp_key!r}")
+        parts = prefix.split(".")
+        if parts[-1] == "weight_fake_quant":
+            module, role = ".".join(parts[:-1]), "weight"
+        elif parts[-1] == "activation_post_process" and len(parts) > 1:
+            module, role = ".".join(parts[:-1]), "output"
+        else:  # FX-prepared observer node at the root: named by itself
+            module, role = prefix, "output"
+        obs = f"{dot}activation_post_process."
+        own = [f"{dot}{leaf}" for leaf in ("scale", "zero_point", "fake_quant_enabled", "observer_enabled")]
+        observer = [k for k in state if k.startswith(obs) and "." not in k[len(obs) :]]
+        keys = [k for k in own if k in state] + observer
+        scale = np.asarray(state[scale_key])
+        cfg, inferred = _fq_config(model, prefix, role, scale)
+        zero_point = np.asarray(state[zp_key])
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role=role,
+                scale=scale,
+                zero_point=zero_point,
+                source="eager_qat",
+                min_val=_opt(state, f"{obs}min_val"),
+                max_val=_opt(state, f"{obs}max_val"),
+                torch_keys=tuple(sorted(keys)),
+                inferred=inferred,
+                **cfg,
+            ),
+        )
+        used.update(keys)
+
+
+def _opt(state, key):
+    return np.asarray(state[key]) if key in state else None
+
+
+def _read_fx_reference(state, table, used) -> None:
+    for key in [k for k in state if k.endswith(".weight_scale") and k not in used]:
+        module = key[: -len(".weight_scale")]
+        need = [f"{module}.weight_zero_point", f"{module}.weight_qscheme", f"{module}.weight_dtype"]
+        missing = [k for k in need if k not in state]
+        if missing:
+            raise InteropError(f"{key}: FX reference weight qparams without {missing}")
+        qscheme = str(state[f"{module}.weight_qscheme"])
+        dtype = canonical_dtype(str(state[f"{module}.weight_dtype"]))
+        axis_key = f"{module}.weight_axis"
+        axis = int(np.asarray(state[axis_key])) if is_per_channel(qscheme) and axis_key in state else None
+        lo, hi = INT_RANGES[dtype]
+        keys = [*need, key] + ([axis_key] if axis_key in state else [])
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role="weight",
+                scale=np.asarray(state[key]),
+                zero_point=np.asarray(state[f"{module}.weight_zero_point"]),
+                axis=axis,
+                dtype=dtype,
+                qscheme=qscheme,
+                quant_min=lo,
+                quant_max=hi,
+                source="fx_reference",
+                torch_keys=tuple(keys),
+            ),
+        )
+        used.update(keys)
+    pattern = re.compile(r"^(?P<node>[^.]+?)_(?P<input>input_)?scale_(?P<n>\d+)$")
+    for key in [k for k in state if k not in used]:
+        match = pattern.match(key)
+        if not match:
+            continue
+        zp_key = key.replace("scale_", "zero_point_")
+        if zp_key not in state:
+            continue
+        role = "input" if match.group("input") else "output"
+        module = match.group("node")
+        if match.group("n") != "0":
+            module = f"{module}#{match.group('n')}"
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role=role,
+                scale=np.asarray(state[key]),
+                zero_point=np.asarray(state[zp_key]),
+                axis=None,
+                dtype="uint8",
+                qscheme="per_tensor_affine",
+                quant_min=0,
+                quant_max=255,
+                source="fx_reference",
+                torch_keys=(key, zp_key),
+                inferred=("dtype",),
+            ),
+        )
+        used.update((key, zp_key))
+
+
+def _read_converted(state, table, used) -> None:
+    for key, value in state.items():
+        if key in used or not isinstance(value, QuantizedTensor):
+            continue
+        module, _, leaf = key.rpartition(".")
+        role = "weight" if leaf == "weight" else leaf
+        if role != "weight":
+            raise InteropError(f"{key}: quantized tensor that is not a module weight; cannot place its qparams")
+        lo, hi = INT_RANGES[value.dtype]
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role="weight",
+                scale=value.scale,
+                zero_point=value.zero_point,
+                axis=value.axis,
+                dtype=value.dtype,
+                qscheme=value.qscheme,
+                quant_min=lo,
+                quant_max=hi,
+                source="eager_converted",
+                qdata=value.data,
+                torch_keys=(key,),
+            ),
+        )
+        used.add(key)
+    for key in [k for k in state if k.endswith("zero_point") and k not in used]:
+        prefix = key[: -len("zero_point")]
+        scale_key = f"{prefix}scale"
+        zp = state[key]
+        if scale_key not in state or scale_key in used or not np.issubdtype(np.asarray(zp).dtype, np.integer):
+            continue
+        module = prefix.rstrip(".")
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role="output",
+                scale=np.asarray(state[scale_key]),
+                zero_point=np.asarray(zp),
+                axis=None,
+                dtype="uint8",
+                qscheme="per_tensor_affine",
+                quant_min=0,
+                quant_max=255,
+                source="eager_converted",
+                torch_keys=(scale_key, key),
+                inferred=("dtype",),
+            ),
+        )
+        used.update((scale_key, key))
+
+
+def _torchao_dtype(meta: dict) -> str:
+    data = meta.get("_data", {})
+    for name in ("target_dtype", "dtype_q"):
+        value = data.get(name)
+        if isinstance(value, dict) and value.get("_type") == "torch.dtype":
+            return canonical_dtype(value["_data"])
+    return "int8"
+
+
+def _read_torchao(state, metadata, table, used) -> None:
+    if "tensor_names" not in metadata:
+        return
+    try:
+        names = json.loads(metadata["tensor_names"])
+    except json.JSONDecodeError as err:
+        raise InteropError(f"metadata['tensor_names']: not JSON ({err})") from err
+    for name in names:
+        meta = json.loads(metadata.get(name, "{}"))
+        kind = meta.get("_type")
+        if kind in (None, "Tensor", "torch.Tensor"):
+            continue
+        module, _, leaf = name.rpartition(".")
+        prefix = f"{module}._{leaf}_" if module else f"_{leaf}_"
+        qdata_key, scale_key, zp_key = f"{prefix}qdata", f"{prefix}scale", f"{prefix}zero_point"
+        if qdata_key not in state or scale_key not in state:
+            raise InteropError(f"torchao tensor {name!r} ({kind}): missing {qdata_key!r} or {scale_key!r}")
+        if kind not in ("Int8Tensor", "IntxUnpackedToInt8Tensor"):
+            raise InteropError(
+                f"torchao tensor {name!r}: type {kind} is not supported (Int8Tensor, IntxUnpackedToInt8Tensor)"
+            )
+        qdata = np.asarray(state[qdata_key])
+        scale = np.asarray(state[scale_key])
+        zero_point = np.asarray(state[zp_key]) if zp_key in state else np.zeros(scale.shape, np.int8)
+        block = tuple(int(b) for b in meta.get("_data", {}).get("block_size", qdata.shape))
+        dtype = _torchao_dtype(meta) if kind != "Int8Tensor" else "int8"
+        lo, hi = INT_RANGES[dtype]
+        symmetric = zp_key not in state
+        if block == qdata.shape:
+            axis, scale_v, zp_v, qscheme, block_size = (
+                None,
+                scale.reshape(()),
+                zero_point.reshape(()),
+                "per_tensor",
+                None,
+            )
+        elif qdata.ndim == 2 and block == (1, qdata.shape[1]):
+            axis, scale_v, zp_v, qscheme, block_size = 0, scale.reshape(-1), zero_point.reshape(-1), "per_channel", None
+        else:
+            axis, scale_v, zp_v, qscheme, block_size = 0, scale, zero_point, "per_channel", block
+        keys = tuple(k for k in (qdata_key, scale_key, zp_key) if k in state)
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role="weight",
+                scale=scale_v,
+                zero_point=zp_v,
+                axis=axis,
+                dtype=dtype,
+                qscheme=f"{qscheme}_{'symmetric' if symmetric else 'affine'}",
+                quant_min=lo,
+                quant_max=hi,
+                source=f"torchao:{kind}",
+                block_size=block_size,
+                qdata=qdata,
+                torch_keys=keys,
+            ),
+        )
+        used.update(keys)
+
+
+def _read_gpt_fast(state, table, used) -> None:
+    for key in [k for k in state if k.endswith(".scales") and k not in used]:
+        module = key[: -len(".scales")]
+        weight = state.get(f"{module}.weight")
+        if not isinstance(weight, np.ndarray) or weight.dtype != np.int8:
+            continue
+        scales = np.asarray(state[key])
+        if weight.ndim != 2 or scales.shape != (weight.shape[0],):
+            raise InteropError(f"{key}: gpt-fast scales {scales.shape} do not match weight {weight.shape} (out, in)")
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role="weight",
+                scale=scales,
+                zero_point=np.zeros(scales.shape, np.int64),
+                axis=0,
+                dtype="int8",
+                qscheme="per_channel_symmetric",
+                quant_min=-128,
+                quant_max=127,
+                source="gpt_fast",
+                qdata=weight,
+                torch_keys=(f"{module}.weight", key),
+            ),
+        )
+        used.update((key, f"{module}.weight"))
+
+
+def write_torch_qparams(table: QParamTable, template: Any, *, strict: bool = True) -> dict[str, Any]:
+    """A torch state_dict: ``template`` (a torch module or its state_dict: eager ``prepare_qat`` or FX
+    reference) with every record's scale / zero point (and observer min/max when the record has
+    them) written into the matching buffers, cast to the template's dtypes.
+
+    Raises InteropError for a record with no matching buffers (unless ``strict=False``) or a shape
+    mismatch. The result loads with ``load_state_dict(strict=True)``.
+    """
+    from interop._torch import require_torch
+
+    torch = require_torch("export_qparams")
+    state = template.state_dict() if hasattr(template, "state_dict") else template
+    out = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    unplaced = []
+    for module, roles in table.items():
+        for role, rec in roles.items():
+            targets = _targets(module, role, out)
+            if targets is None:
+                unplaced.append(f"{module} ({role})")
+                continue
+            for key, value in zip(targets, (rec.scale, rec.zero_point, rec.min_val, rec.max_val), strict=False):
+                if key is None or value is None or key not in out:
+                    continue
+                dst = out[key]
+                src = torch.from_numpy(np.array(value, copy=True)).to(dst.dtype)
+                if src.numel() != dst.numel():
+                    raise InteropError(
+                        f"{key}: record {module} ({role}) has {src.numel()} values, buffer {tuple(dst.shape)}"
+                    )
+                out[key] = src.reshape(dst.shape)
+    if unplaced and strict:
+        raise InteropError(f"export_qparams: no matching torch buffers for {unplaced}")
+    return out
+
+
+def _targets(module: str, role: str, state: Mapping[str, Any]) -> tuple[str | None, ...] | None:
+    dot = f"{module}." if module else ""
+    if role == "weight":
+        candidates = [f"{dot}weight_fake_quant.", None]
+        fx = (f"{dot}weight_scale", f"{dot}weight_zero_point")
+    else:
+        candidates = [f"{dot}activation_post_process." if role == "output" else None, f"{module}."]
+        node, _, n = module.partition("#")
+        n = n or "0"
+        fx = (
+            (f"{node}_input_scale_{n}", f"{node}_input_zero_point_{n}")
+            if role == "input"
+            else (f"{node}_scale_{n}", f"{node}_zero_point_{n}")
+        )
+    for prefix in candidates:
+        if prefix and f"{prefix}scale" in state and f"{prefix}fake_quant_enabled" in state:
+            obs = f"{prefix}activation_post_process."
+            return (f"{prefix}scale", f"{prefix}zero_point", f"{obs}min_val", f"{obs}max_val")
+    if fx[0] in state and fx[1] in state:
+        return fx
+    return None
+
+
+def with_config(rec: QParamRecord, **changes: Any) -> QParamRecord:
+    """A copy of ``rec`` with fields changed (e.g. a dtype the state_dict could not tell)."""
+    return replace(rec, **changes)
