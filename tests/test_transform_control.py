@@ -151,7 +151,9 @@ def test_sites_inside_custom_jvp_and_custom_vjp_keep_their_derivative():
     def clipped_matmul(h, w):
         return h @ w
 
-    clipped_matmul.defvjp(lambda h, w: (h @ w, (h, w)), lambda res, g: (jnp.clip(g @ res[1].T, -0.1, 0.1), res[0].T @ g))
+    clipped_matmul.defvjp(
+        lambda h, w: (h @ w, (h, w)), lambda res, g: (jnp.clip(g @ res[1].T, -0.1, 0.1), res[0].T @ g)
+    )
 
     for wrapped, expected_dx in [
         (scaled_matmul, lambda w: 3.0 * jnp.broadcast_to(w.sum(axis=1), x.shape)),
@@ -164,5 +166,5 @@ def test_sites_inside_custom_jvp_and_custom_vjp_keep_their_derivative():
         _, qstate = qf.apply(qstate, p, x, mode="calibrate")
         out, _ = qf.apply(qstate, p, x, mode="eval")
         np.testing.assert_allclose(out, fq_act(x, x.min(), x.max()) @ fq_weight(p["a"]), rtol=1e-6)
-        dx = jax.grad(lambda x: qf.apply(qstate, p, x, mode="eval")[0].sum())(x)
+        dx = jax.grad(lambda x, qf=qf, qs=qstate: qf.apply(qs, p, x, mode="eval")[0].sum())(x)
         np.testing.assert_allclose(dx, expected_dx(p["a"]), rtol=1e-6)
