@@ -1,5 +1,6 @@
 """jquant: quantization for JAX with PyTorch-exact numerics."""
 
+from jquant import observers
 from jquant.numerics.affine import dequantize_affine, fake_quantize_affine, quantize_affine
 from jquant.numerics.fake_quant import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
 from jquant.numerics.lsq import (
@@ -10,6 +11,18 @@ from jquant.numerics.packing import pack_int4, unpack_int4
 from jquant.numerics.qparams import FLOAT32_EPS, choose_qparams
 from jquant.numerics.qschemes import QSCHEMES
 from jquant.numerics.qtypes import QTYPES, qrange
+from jquant.observers import (
+    FixedQParamsObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    PerChannelMinMaxObserver,
+    PlaceholderObserver,
+    get_observer,
+)
 from jquant.transform import (
     DerivedQuantizationSpec,
     FixedQParamsSpec,
@@ -42,4 +55,15 @@ __all__ = [
     "qrange",
     "quantize_affine",
     "unpack_int4",
+    "observers",
+    "FixedQParamsObserver",
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver",
+    "MSEObserver",
+    "PerChannelMinMaxObserver",
+    "PercentileObserver",
+    "PlaceholderObserver",
+    "get_observer",
 ]
