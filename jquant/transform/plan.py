@@ -105,7 +105,7 @@ class _Discovery:
                 if site.quantized:
                     names.append(site.name)
                     out_infos = [VarInfo(producer=site.name)] * len(eqn.outvars)
-            elif _sub_jaxprs(eqn.params):
+            elif self.rules and _sub_jaxprs(eqn.params):  # config=[]: nothing to look for
                 out_infos, inner = self.walk_higher_order(eqn, infos, prefix, stack, in_while)
                 if inner:
                     self.inner[id(eqn)] = tuple(inner)
