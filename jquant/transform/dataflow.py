@@ -33,6 +33,7 @@ PASSTHROUGH = frozenset(
         "device_put",
         "mesh_cast",
         "reshard",
+        "pvary",
     }
 )
 

@@ -130,6 +130,17 @@ class QuantizeHandler:
             outs[0] = self._output(site, out_spec, outs[0], state, qparams, scope)
         return outs, state
 
+    def refresh(self, site: Site, state: dict) -> dict:
+        """Recompute the qparams of every observed slot from its (merged) observer state."""
+        if self.mode == "eval":
+            return state
+        state = dict(state)
+        for key, spec in site.specs.items():
+            if stateful(spec):
+                layout = layout_of(site, key, spec)
+                state[key] = slots.observe(spec, layout, state[key], [], set_learnable=self.mode == "calibrate")
+        return state
+
     def _derived(self, site, key, spec: DerivedQuantizationSpec, x, qparams, scope):
         sources = []
         for ref in spec.derived_from:

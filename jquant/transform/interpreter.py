@@ -19,7 +19,8 @@ Hook (used by the quantize transform and by ``jquant.convert``)::
   the sites already run in the same scope (for ``DerivedQuantizationSpec`` "producer:" references).
   It returns ``outvals`` (a list, one per ``eqn.outvars``; they are cast back to the outvar dtypes) and
   the site's new state (same pytree structure and dtypes: it may be a loop carry). ``bind_eqn(eqn,
-  invals)`` runs the original equation.
+  invals)`` runs the original equation. Optional: ``handler.refresh(site, site_state) -> site_state``,
+  called after per-shard states are merged at a ``shard_map`` boundary.
 - Every other equation is re-bound unchanged, so under ``jit`` the result compiles to the same HLO as the
   hand-written program; higher-order equations without quantized sites inside are re-bound as they are.
 
@@ -226,14 +227,17 @@ class _Walker:
     def _shard_map(self, eqn, invals, inner):
         """Site states enter replicated; updated states leave replicated after a cross-shard merge.
 
-        Each shard observes its own block; the new states of the shards are merged with an elementwise
-        min/max (``pmin``/``pmax`` over the manual axes) on float leaves, which is exact for the min/max
-        observers; qparams are recomputed by the handler in the next call. Other leaves take shard 0's value.
+        Each shard observes its own block; leaves named ``min_val`` / ``max_val`` (the min/max observers) are
+        merged with ``pmin`` / ``pmax`` over the manual axes, which gives the global statistics; other leaves
+        take shard 0's value, then ``handler.refresh(site, state)`` (when the handler has one) recomputes
+        derived values such as qparams from the merged statistics. Within the call itself, fake quant uses
+        each shard's own qparams (calibrate first, or use eval mode, for exact global qparams).
         """
         from jax.sharding import PartitionSpec
 
         p = eqn.params
-        axes = tuple(p["manual_axes"]) if p.get("manual_axes") else tuple(p["mesh"].axis_names)
+        manual = p.get("newly_manual_axes") or p.get("manual_axes") or p["mesh"].axis_names
+        axes = tuple(a for a in p["mesh"].axis_names if a in set(manual))
         body = self._body(p["jaxpr"])
         replicated = jax.tree_util.tree_map(lambda _: PartitionSpec(), inner)
 
@@ -249,7 +253,12 @@ class _Walker:
             check_vma=False,
             axis_names=set(axes),
         )
-        return fn(list(invals), inner)
+        outs, new_inner = fn(list(invals), inner)
+        refresh = getattr(self.handler, "refresh", None)
+        if refresh is not None:
+            sites = {s.name: s for s in self.plan.sites}
+            new_inner = {name: refresh(sites[name], state) for name, state in new_inner.items()}
+        return outs, new_inner
 
 
 def _merge_across(new_states, old_states, axes):
