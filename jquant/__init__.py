@@ -32,6 +32,7 @@ from jquant.transform import (
     presets,
     quantize,
 )
+from jquant.transform.compare import compare
 
 __all__ = [
     "DerivedQuantizationSpec",
@@ -39,6 +40,7 @@ __all__ = [
     "QuantizationSpec",
     "Rule",
     "SharedQuantizationSpec",
+    "compare",
     "presets",
     "quantize",
     "FLOAT32_EPS",

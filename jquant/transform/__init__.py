@@ -2,6 +2,7 @@
 
 from jquant.transform import presets
 from jquant.transform.api import QuantizedFunction, quantize
+from jquant.transform.compare import CompareReport, compare
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.plan import Plan, UnsupportedPrimitiveError
 from jquant.transform.sites import Operand, Site
@@ -15,6 +16,8 @@ from jquant.transform.specs import (
 from jquant.transform.state import learnable_params, merge_learnable
 
 __all__ = [
+    "CompareReport",
+    "compare",
     "DerivedQuantizationSpec",
     "FixedQParamsSpec",
     "Operand",
