@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jquant.flax.conv_bn import ConvBN
 
 
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -25,16 +28,12 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[np.nd
 
 
 class DigitsCNN(nn.Module):
-    """Conv-BN-ReLU x2, then two Dense layers: about 30k parameters."""
+    """ConvBN-ReLU x2 (BN folded into the conv for QAT), then two Dense layers: about 40k parameters."""
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = nn.Conv(16, (3, 3), padding="SAME", use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        x = nn.relu(x)
-        x = nn.Conv(32, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        x = nn.relu(x)
+    def __call__(self, x: jnp.ndarray, train: bool = False, freeze_bn: Any = False) -> jnp.ndarray:
+        x = nn.relu(ConvBN(16, (3, 3))(x, train, freeze_bn))
+        x = nn.relu(ConvBN(32, (3, 3), strides=(2, 2))(x, train, freeze_bn))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(64)(x))
         return nn.Dense(10)(x)
