@@ -457,11 +457,16 @@ def write_torch_qparams(table: QParamTable, template: Any, *, strict: bool = Tru
                     continue
                 dst = out[key]
                 src = torch.from_numpy(np.array(value, copy=True)).to(dst.dtype)
-                if src.numel() != dst.numel():
+                if src.numel() == dst.numel():
+                    out[key] = src.reshape(dst.shape)
+                elif "fake_quant" in key or ".activation_post_process." in f".{key}":
+                    # torch's fake quants and observers resize these buffers on load (a fresh
+                    # per-channel fake quant holds a one-value placeholder)
+                    out[key] = src
+                else:
                     raise InteropError(
                         f"{key}: record {module} ({role}) has {src.numel()} values, buffer {tuple(dst.shape)}"
                     )
-                out[key] = src.reshape(dst.shape)
     if unplaced and strict:
         raise InteropError(f"export_qparams: no matching torch buffers for {unplaced}")
     return out

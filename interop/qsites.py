@@ -1,0 +1,245 @@
+"""Link torch qparam records to jquant transform sites, and move qparams between both.
+
+torch quantizes module *outputs* (``<m>.activation_post_process``), jquant quantizes site *inputs*:
+the output qparams of torch module A become the input qparams of the site that consumes A's output.
+The links are an explicit, inspectable table (:func:`link_sites`, :func:`format_links`): each row
+names the torch module and role, the jquant site and qstate key, and how it was found:
+
+* ``name``: weights (and FX ``<m>_input_scale_0`` inputs) by module name: the site's weight
+  ``param_path`` (``params/fc1/kernel``, nnx ``layers/0/kernel``) against the torch module name
+  (``fc1``, ``layers.0``), normalised as in :mod:`interop.names`;
+* ``producer``: the site's input comes straight from another site, whose module's output is used;
+* ``order``: otherwise the nearest torch module *before* the site's module (state_dict order, i.e.
+  registration order) that has output qparams: right for sequential models, check it otherwise;
+* ``override``: given by the caller (``overrides={(torch_module, role): (site, key)}``).
+
+A jquant site's ``output`` is the raw ``dot_general``/``conv`` result before the bias add, so torch
+module outputs are never linked to it by default. Records that link nowhere (e.g. the last module's
+output) are listed by :func:`unlinked_records`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from interop.errors import InteropError
+from interop.names import canonical_key, split_name, strip_collection
+from interop.qparams import QParamRecord, QParamTable
+from jquant.numerics.qtypes import qrange
+
+
+@dataclass(frozen=True)
+class SiteLink:
+    """One row of the torch <-> jquant table."""
+
+    torch_module: str
+    torch_role: str
+    site: str
+    key: str
+    how: str
+
+
+def _module_key(parts: Sequence[str]) -> tuple[str, ...]:
+    return canonical_key([*parts, "_"])[:-1]
+
+
+def _site_module(site: Any) -> tuple[str, ...] | None:
+    for op in site.operands:
+        if op.role == "weight" and op.param_path:
+            _, parts = strip_collection(split_name(op.param_path))
+            return _module_key(parts[:-1])
+    return None
+
+
+def _stateful_keys(site: Any, qstate: Mapping | None) -> set[str]:
+    if qstate is not None:
+        return set(qstate.get(site.name, {}))
+    return {key for key, spec in site.specs.items() if spec is not None}
+
+
+def link_sites(
+    table: QParamTable,
+    sites: Iterable[Any],
+    *,
+    qstate: Mapping | None = None,
+    overrides: Mapping[tuple[str, str], tuple[str, str]] | None = None,
+) -> list[SiteLink]:
+    """The torch <-> jquant link table for ``table`` and ``sites`` (``qf.sites``); see the module doc."""
+    sites = [s for s in sites if s.quantized]
+    order = list(table)
+    module_by_key = {_module_key(split_name(m)): m for m in table}
+    site_module: dict[str, str] = {}
+    for site in sites:
+        key = _site_module(site)
+        if key is not None and key in module_by_key:
+            site_module[site.name] = module_by_key[key]
+    links: list[SiteLink] = []
+    for site in sites:
+        keys = _stateful_keys(site, qstate)
+        module = site_module.get(site.name)
+        for op in site.operands:
+            if op.key not in keys:
+                continue
+            if op.role == "weight":
+                if module is not None and "weight" in table[module]:
+                    links.append(SiteLink(module, "weight", site.name, op.key, "name"))
+                continue
+            if module is not None and "input" in table[module]:
+                links.append(SiteLink(module, "input", site.name, op.key, "name"))
+                continue
+            producer = site_module.get(op.producer) if op.producer else None
+            if producer is not None and "output" in table[producer]:
+                links.append(SiteLink(producer, "output", site.name, op.key, "producer"))
+                continue
+            if module is not None:
+                before = [m for m in order[: order.index(module)] if "output" in table[m]]
+                if before:
+                    links.append(SiteLink(before[-1], "output", site.name, op.key, "order"))
+    for (mod, role), (site_name, key) in (overrides or {}).items():
+        if mod not in table or role not in table[mod]:
+            raise InteropError(f"overrides: torch module {mod!r} has no {role} qparams in the table")
+        links = [lk for lk in links if (lk.site, lk.key) != (site_name, key)]
+        links.append(SiteLink(mod, role, site_name, key, "override"))
+    return links
+
+
+def unlinked_records(table: QParamTable, links: Iterable[SiteLink]) -> list[tuple[str, str]]:
+    used = {(lk.torch_module, lk.torch_role) for lk in links}
+    return [(m, r) for m, roles in table.items() for r in roles if (m, r) not in used]
+
+
+def format_links(links: Sequence[SiteLink], table: QParamTable | None = None) -> str:
+    """The link table as text: torch module, torch role, jquant site, qstate key, how it was found."""
+    rows = [("torch module", "role", "jquant site", "key", "how")]
+    rows += [(lk.torch_module or "<root>", lk.torch_role, lk.site, lk.key, lk.how) for lk in links]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if table is not None:
+        lines += [f"not linked: {m or '<root>'} ({r})" for m, r in unlinked_records(table, links)]
+    return "\n".join(lines)
+
+
+def print_links(links: Sequence[SiteLink], table: QParamTable | None = None) -> None:
+    print(format_links(links, table))
+
+
+def _spec_of(site: Any, key: str) -> Any:
+    return site.output_spec if key == "output" else site.operand(key).spec
+
+
+def _check_spec(rec: QParamRecord, spec: Any, where: str) -> str | None:
+    if spec is None or not hasattr(spec, "dtype"):
+        return None
+    want = qrange(spec.dtype, spec.quant_min, spec.quant_max)
+    if (rec.quant_min, rec.quant_max) != want:
+        return (
+            f"{where}: jquant spec {spec.dtype} range {want} but torch {rec.module or '<root>'} ({rec.role}) is "
+            f"{rec.dtype} ({rec.quant_min}, {rec.quant_max}); use interop.spec_from_record(record)"
+        )
+    return None
+
+
+def spec_from_record(rec: QParamRecord, **kwargs: Any) -> Any:
+    """A ``jquant.transform.QuantizationSpec`` with the record's dtype, qscheme and integer range."""
+    from jquant.transform import QuantizationSpec
+
+    return QuantizationSpec(rec.dtype, rec.qscheme, quant_min=rec.quant_min, quant_max=rec.quant_max, **kwargs)
+
+
+def qparams_to_qstate(
+    table: QParamTable,
+    qstate: Mapping[str, Any],
+    sites: Iterable[Any],
+    *,
+    links: Sequence[SiteLink] | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """A copy of ``qstate`` (from ``qf.init``) with scale / zero point (and observer min / max when the
+    record has them) taken from the torch records, per the link table.
+
+    With ``strict`` a record whose integer range differs from the site's spec, or a qstate slot that no
+    record fills, is an error (listing them); shapes must always agree.
+    """
+    sites = list(sites)
+    by_name = {s.name: s for s in sites}
+    links = list(links) if links is not None else link_sites(table, sites, qstate=qstate)
+    out = {name: {k: dict(v) for k, v in slots.items()} for name, slots in qstate.items()}
+    problems = []
+    filled = set()
+    for lk in links:
+        rec = table[lk.torch_module][lk.torch_role]
+        slot = out.get(lk.site, {}).get(lk.key)
+        if slot is None:
+            raise InteropError(f"link {lk}: qstate has no slot {lk.site!r}/{lk.key!r}")
+        if "learnable" in slot:
+            raise InteropError(f"{lk.site}/{lk.key}: LSQ slots are not supported by import yet")
+        note = _check_spec(rec, _spec_of(by_name[lk.site], lk.key), f"{lk.site}/{lk.key}")
+        if note:
+            problems.append(note)
+        slot["scale"] = _fit(rec.scale, slot["scale"], np.float32, f"{lk.site}/{lk.key} scale", rec)
+        slot["zero_point"] = _fit(rec.zero_point, slot["zero_point"], np.int32, f"{lk.site}/{lk.key} zero_point", rec)
+        obs = slot.get("observer")
+        if rec.min_val is not None and hasattr(obs, "_replace") and hasattr(obs, "min_val"):
+            slot["observer"] = obs._replace(
+                min_val=_fit(rec.min_val, obs.min_val, np.float32, f"{lk.site}/{lk.key} min_val", rec),
+                max_val=_fit(rec.max_val, obs.max_val, np.float32, f"{lk.site}/{lk.key} max_val", rec),
+            )
+        filled.add((lk.site, lk.key))
+    empty = [f"{s}/{k}" for s, slots in qstate.items() for k in slots if (s, k) not in filled]
+    if empty:
+        problems.append(f"qstate slots with no torch qparams: {empty}")
+    if strict and problems:
+        raise InteropError("import_qparams:\n  " + "\n  ".join(problems) + "\nlinks:\n" + format_links(links, table))
+    return out
+
+
+def _fit(value: Any, like: Any, dtype: Any, where: str, rec: QParamRecord) -> np.ndarray:
+    arr = np.asarray(value)
+    shape = np.shape(like)
+    if arr.size != int(np.prod(shape, dtype=np.int64)):
+        raise InteropError(
+            f"{where}: torch {rec.module or '<root>'} ({rec.role}) has {arr.size} value(s) {arr.shape}, "
+            f"the qstate slot has shape {shape}"
+        )
+    if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(np.dtype(dtype), np.integer):
+        if not np.array_equal(arr, np.round(arr)):
+            raise InteropError(f"{where}: float zero points cannot go into an integer qstate slot")
+    return arr.astype(dtype).reshape(shape)
+
+
+def qstate_to_qparams(qstate: Mapping[str, Any], sites: Iterable[Any], links: Sequence[SiteLink]) -> QParamTable:
+    """The torch records a link table describes, filled from ``qstate`` (dtype / range from the specs).
+
+    A torch record linked to several sites takes the first link's values.
+    """
+    by_name = {s.name: s for s in sites}
+    table: QParamTable = {}
+    for lk in links:
+        if lk.torch_role in table.get(lk.torch_module, {}):
+            continue
+        slot = qstate[lk.site][lk.key]
+        spec = _spec_of(by_name[lk.site], lk.key)
+        lo, hi = qrange(spec.dtype, spec.quant_min, spec.quant_max)
+        obs = slot.get("observer")
+        has_mm = hasattr(obs, "min_val")
+        per_channel = np.size(slot["scale"]) > 1 or "per_channel" in spec.qscheme
+        table.setdefault(lk.torch_module, {})[lk.torch_role] = QParamRecord(
+            module=lk.torch_module,
+            role=lk.torch_role,
+            scale=np.asarray(slot["scale"]),
+            zero_point=np.asarray(slot["zero_point"]),
+            axis=0 if per_channel else None,
+            dtype=spec.dtype,
+            qscheme=spec.qscheme,
+            quant_min=lo,
+            quant_max=hi,
+            source=f"jquant:{lk.site}/{lk.key}",
+            min_val=np.asarray(obs.min_val) if has_mm else None,
+            max_val=np.asarray(obs.max_val) if has_mm else None,
+        )
+    return table
