@@ -188,3 +188,16 @@ def test_observers_are_hashable_jit_static_arguments():
     state = obs.update(obs.init(x), x)
     np.testing.assert_array_equal(np.asarray(calc(obs, state)[0]), np.asarray(obs.calculate_qparams(state)[0]))
     assert len({obs, jobs.PercentileObserver(percentile=99.0), jobs.PercentileObserver(percentile=98.0)}) == 2
+
+
+def test_sharded_inputs():
+    devices = np.array(jax.devices())
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = _heavy_tailed((4 * len(devices), 8), seed=6)
+    x_sharded = jax.device_put(x, sharding)
+    for obs in (jobs.MinMaxObserver(), jobs.PerChannelMinMaxObserver(ch_axis=1), jobs.HistogramObserver(bins=32)):
+        sharded = jax.jit(obs.update)(obs.init(x), x_sharded)
+        plain = obs.update(obs.init(x), x)
+        for a, b in zip(sharded, plain, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
