@@ -109,3 +109,24 @@ def test_qrange_matches_torch_table():
     js, jz = jquant.choose_qparams(-1.0, 1.0, dtype="uint8", quant_min=0, quant_max=200, reduce_range=True)
     assert float(js) == float(s) and int(jz) == int(z)
     assert jquant.qrange("uint8", 0, 200, reduce_range=True) == (0, 100)
+
+
+def test_choose_qparams_under_vmap_equals_eager(rng):
+    import jax
+
+    lo, hi = _ranges(rng, 500)
+    eager = jquant.choose_qparams(lo, hi, dtype="quint8")
+    batched = jax.vmap(lambda a, b: jquant.choose_qparams(a, b, dtype="quint8"))(lo, hi)
+    jitted = jax.jit(jax.vmap(lambda a, b: jquant.choose_qparams(a, b, dtype="quint8")))(lo, hi)
+    for got in (batched, jitted):
+        assert np.array_equal(np.asarray(got[0]), np.asarray(eager[0]))
+        assert np.array_equal(np.asarray(got[1]), np.asarray(eager[1]))
+
+
+def test_reduce_range_is_ignored_for_wide_default_ranges():
+    assert jquant.qrange("int16", reduce_range=True) == (-32768, 32767)
+    assert jquant.qrange("int16", -1000, 1000, reduce_range=True) == (-500, 500)
+    obs = tobs.MinMaxObserver(dtype=torch.int16, reduce_range=True)
+    s, z = obs._calculate_qparams(torch.tensor(-1.0), torch.tensor(3.0))
+    js, jz = jquant.choose_qparams(-1.0, 3.0, dtype="int16", reduce_range=True)
+    assert float(js) == float(s) and int(jz) == int(z)

@@ -16,8 +16,10 @@ def exact_divide(numerator: jnp.ndarray, denominator: jnp.ndarray | float) -> jn
     numerator = jnp.asarray(numerator)
     shape = jnp.broadcast_shapes(numerator.shape, jnp.shape(denominator))
     dtype = jnp.result_type(numerator, denominator)
-    den = jnp.broadcast_to(jnp.asarray(denominator, dtype), shape)
     num = jnp.broadcast_to(numerator.astype(dtype), shape)
+    den = jnp.broadcast_to(jnp.asarray(denominator, dtype), shape)
+    # A data dependency on num gives the divisor num's batch dims under vmap, so no broadcast follows the barrier.
+    den = jnp.where(jnp.isnan(num), den, den)
     num, den = lax.optimization_barrier((num, den))
     return num / den
 

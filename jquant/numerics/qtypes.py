@@ -71,8 +71,8 @@ def qrange(
 ) -> tuple[int, int]:
     """The integer range ``(quant_min, quant_max)`` as torch computes it.
 
-    ``reduce_range`` halves both ends with floor division, for the default and for a custom range alike
-    (torch does the same). A custom range must satisfy ``quant_min < quant_max`` inside the dtype's range.
+    ``reduce_range`` halves both ends with floor division for the int8/uint8 defaults and for any custom
+    range, and leaves the other default ranges alone, as torch does. A custom range must satisfy ``quant_min < quant_max`` inside the dtype's range.
     """
     name = canonical_dtype(dtype)
     if name in FLOAT_QTYPES:
@@ -89,7 +89,8 @@ def qrange(
                 f"quant_min/quant_max: ({quant_min}, {quant_max}) lies outside the {name} range ({lo}, {hi})"
             )
         lo, hi = quant_min, quant_max
-    if reduce_range:
+    # torch halves only the 8-bit defaults and custom ranges; other default ranges ignore reduce_range.
+    if reduce_range and (quant_min is not None or name in ("int8", "uint8")):
         lo, hi = lo // 2, hi // 2
     return lo, hi
 
