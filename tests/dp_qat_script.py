@@ -5,7 +5,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -60,7 +59,7 @@ def main():
     def max_rel_diff(a, b):
         return max(
             float(np.max(np.abs(x - y) / (np.abs(x) + 1e-6)))
-            for x, y in zip(leaves(a), leaves(b))
+            for x, y in zip(leaves(a), leaves(b), strict=True)
             if x.dtype.kind == "f"
         )
 
@@ -71,7 +70,7 @@ def main():
     report = {
         "qstate_max_rel_diff": max_rel_diff(single.qstate, sharded.qstate),
         "params_max_abs_diff": max(
-            float(np.abs(a - b).max()) for a, b in zip(leaves(single.params), leaves(sharded.params))
+            float(np.abs(a - b).max()) for a, b in zip(leaves(single.params), leaves(sharded.params), strict=True)
         ),
         "per_shard_vs_global_rel_diff": max_rel_diff(shard_qstate, global_qstate),
         "qstate_sharding": str(jax.tree.leaves(sharded.qstate)[0].sharding),

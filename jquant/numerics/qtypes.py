@@ -72,7 +72,8 @@ def qrange(
     """The integer range ``(quant_min, quant_max)`` as torch computes it.
 
     ``reduce_range`` halves both ends with floor division for the int8/uint8 defaults and for any custom
-    range, and leaves the other default ranges alone, as torch does. A custom range must satisfy ``quant_min < quant_max`` inside the dtype's range.
+    range, and leaves the other default ranges alone, as torch does. A custom range must satisfy
+    ``quant_min < quant_max`` inside the dtype's range.
     """
     name = canonical_dtype(dtype)
     if name in FLOAT_QTYPES:
