@@ -45,6 +45,14 @@ def _parse_record(text: str | None, source: str) -> list[MappingEntry] | None:
         raise CheckpointError(f"{source}: corrupted jquant mapping record ({err})") from err
 
 
+def _orbax() -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as err:  # pragma: no cover - installed in the dev environment
+        raise ImportError("the orbax format needs orbax-checkpoint: `pip install orbax-checkpoint`") from err
+    return ocp
+
+
 def format_for_path(path: str, explicit: str | None = None) -> str:
     if explicit is not None:
         if explicit not in FORMATS:
@@ -83,8 +91,7 @@ def save_jax_checkpoint(
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             fh.write(data)
     else:
-        import orbax.checkpoint as ocp
-
+        ocp = _orbax()
         with atomic_path(path, directory=True) as tmp:
             ocp.PyTreeCheckpointer().save(
                 tmp, {"variables": tree, "extras": dict(extras)} if extras else {"variables": tree}
@@ -120,8 +127,7 @@ def load_jax_checkpoint(
             meta = payload["jquant"]
             return payload["variables"], _parse_record(meta.get("mapping"), path), dict(meta.get("extras", {}))
         return payload, None, {}
-    import orbax.checkpoint as ocp
-
+    ocp = _orbax()
     try:
         restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
     except Exception as err:

@@ -283,8 +283,9 @@ def _read_converted(state, table, used) -> None:
         if key in used or not isinstance(value, QuantizedTensor):
             continue
         module, _, leaf = key.rpartition(".")
-        role = "weight" if leaf == "weight" else leaf
-        if role != "weight":
+        if key.endswith("_packed_params._packed_weight"):  # quantized Embedding / EmbeddingBag
+            module, leaf = f".{key}"[: -len("._packed_params._packed_weight")].lstrip("."), "weight"
+        if leaf != "weight":
             raise InteropError(f"{key}: quantized tensor that is not a module weight; cannot place its qparams")
         lo, hi = INT_RANGES[value.dtype]
         _add(

@@ -167,6 +167,18 @@ def test_converted_eager_model(tmp_path):
     assert _eq(table["quant"]["output"].scale, converted.quant.scale)
 
 
+def test_converted_quantized_embedding(tmp_path):
+    import torch.ao.nn.quantized as nnq
+
+    emb = nnq.Embedding(10, 4)
+    torch.save({f"emb.{k}": v for k, v in emb.state_dict().items()}, tmp_path / "emb.pt")
+    rec = import_qparams(tmp_path / "emb.pt")["emb"]["weight"]
+    packed = emb.weight()
+    assert rec.qscheme == "per_channel_affine_float_qparams" and rec.dtype == "uint8" and rec.axis == 0
+    assert _eq(rec.scale, packed.q_per_channel_scales()) and _eq(rec.zero_point, packed.q_per_channel_zero_points())
+    assert np.array_equal(rec.qdata, packed.int_repr().numpy())
+
+
 def test_torchao_flattened_safetensors_without_torchao(tmp_path):
     # torchao is not installed here: write its flattened layout (Int8Tensor, per-row) by hand.
     g = torch.Generator().manual_seed(0)

@@ -103,6 +103,55 @@ def test_imported_qstate_reproduces_torch_fake_quant_logits():
     assert np.abs(np.asarray(fresh_out) - expected).max() > 1e-2
 
 
+class TorchCNN(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.conv1 = tnn.Conv2d(1, 6, 3)
+        self.conv2 = tnn.Conv2d(6, 8, 4, groups=2)
+        self.fc = tnn.Linear(8, 5)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(self.quant(x)))
+        x = torch.relu(self.conv2(x))  # 1x1 spatial: flatten order is the same in NCHW and NHWC
+        return self.dequant(self.fc(x.flatten(1)))
+
+
+class FlaxCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), padding="VALID", name="conv1")(x))
+        x = nn.relu(nn.Conv(8, (4, 4), padding="VALID", feature_group_count=2, name="conv2")(x))
+        return nn.Dense(5, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def test_cnn_qat_logits_match_torch():
+    torch.manual_seed(0)
+    tm = TorchCNN()
+    tm.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(tm.train(), inplace=True)
+    for _ in range(3):
+        tm(torch.randn(16, 1, 6, 6))
+    tm.apply(tq.disable_observer)
+    tm.eval()
+    tm.fc.activation_post_process.disable_fake_quant()
+    state = tm.state_dict()
+    table = import_qparams(state, model=tm)
+    x = torch.randn(32, 1, 6, 6)
+    x_nhwc = x.numpy().transpose(0, 2, 3, 1)
+    fm = FlaxCNN()
+    floats = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("weight", "bias") and "quant" not in k}
+    params = torch_to_flax(floats, fm.init(jax.random.key(0), x_nhwc))
+    config = [
+        Rule(weight=spec_from_record(table["conv1"]["weight"]), inputs=spec_from_record(table["quant"]["output"]))
+    ]
+    qf = quantize(lambda p, x: fm.apply(p, x), config)
+    qstate = import_qparams(state, model=tm, qstate=qf.init(params, x_nhwc), sites=qf.sites)
+    out, _ = qf.apply(qstate, params, x_nhwc, mode="eval")
+    np.testing.assert_allclose(np.asarray(out), tm(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_qstate_export_round_trip_is_exact():
     tm = _trained_qat()
     state = tm.state_dict()
