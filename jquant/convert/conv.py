@@ -159,12 +159,13 @@ def dynamic_int8_conv(
     feature_group_count: int = 1,
     *,
     symmetric: bool = False,
+    act_dtype: str | None = None,
     bias: Any = None,
     impl: str = "auto",
     pad_batch_one: bool | None = None,
 ) -> jnp.ndarray:
     """Dynamic W8A8 convolution: one activation scale (and zero point) computed from ``x`` at run time."""
-    dtype = "int8" if symmetric else "uint8"
+    dtype = act_dtype or ("int8" if symmetric else "uint8")
     x_scale, x_zp = dynamic_qparams(x.astype(jnp.float32), tuple(range(x.ndim)), symmetric=symmetric, dtype=dtype)
     x_scale, x_zp = x_scale.reshape(()), x_zp.reshape(())
     xq, x_zp = quantize_activation(x, x_scale, x_zp, dtype=dtype)

@@ -73,11 +73,12 @@ class CanonicalWeight:
     q: jnp.ndarray
     scale: jnp.ndarray
     zero_point: jnp.ndarray | None
-    sums: jnp.ndarray
+    sums: jnp.ndarray | None
     groups: int
 
     @classmethod
-    def of(cls, w: QuantizedWeight, contract: tuple[int, ...], free: tuple[int, ...]) -> CanonicalWeight:
+    def of(cls, w: QuantizedWeight, contract: tuple[int, ...], free: tuple[int, ...], need_sums: bool = True
+           ) -> CanonicalWeight:
         if w.dtype not in ("int8", "int4"):
             raise ValueError(f"w: integer kernels need an int8 or int4 QuantizedWeight, got {w.dtype!r}")
         q = canonical_matrix(w.int_values(), contract, free)
@@ -96,6 +97,8 @@ class CanonicalWeight:
         zero_point = None if w.zero_point is None else per_group(w.zero_point.astype(jnp.int32))
         if w.w_sums is not None and w.sum_axes == contract:
             sums = w.w_sums
+        elif not need_sums:  # the activation zero point is 0 by construction (symmetric)
+            sums = None
         else:  # not precomputed for this contraction: one reduction over the weight per call
             sums = jnp.sum(q.astype(jnp.int32).reshape(groups, -1, q.shape[1]), axis=1)
         return cls(q, scale, zero_point, sums, groups)
@@ -187,16 +190,18 @@ def dynamic_int8_dot_general(
     weight_side: str = "rhs",
     per_token: bool = True,
     symmetric: bool = True,
+    act_dtype: str | None = None,
     bias: Any = None,
     pad_batch_one: bool | None = None,
 ) -> jnp.ndarray:
     """Dynamic W8A8 ``dot_general``: activation qparams computed at run time (per row of the ``(M, K)``
-    activation when ``per_token``, else per tensor; symmetric int8 or affine uint8), int8 weight."""
+    activation when ``per_token``, else per tensor), int8 weight. ``act_dtype`` defaults to int8 when
+    ``symmetric`` and uint8 otherwise; qparams follow torch's observers (``choose_qparams``)."""
     layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
-    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free)
+    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free, need_sums=not symmetric)
     x2 = layout.x_matrix(x).astype(jnp.float32)
     axes = (1,) if per_token else (0, 1)
-    dtype = "int8" if symmetric else "uint8"
+    dtype = act_dtype or ("int8" if symmetric else "uint8")
     x_scale, x_zp = dynamic_qparams(x2, axes, symmetric=symmetric, dtype=dtype)
     xq, x_zp = quantize_activation(x2, x_scale, x_zp, dtype=dtype)
     y = _integer_dot(xq, x_zp, x_scale, cw, pad_batch_one)

@@ -48,16 +48,18 @@ def zero_point_corrected(
     acc: jnp.ndarray,
     xq: jnp.ndarray,
     x_zp: jnp.ndarray,
-    w_sums: jnp.ndarray,
+    w_sums: jnp.ndarray | None,
     w_zp: jnp.ndarray | None,
     group_size: int,
 ) -> jnp.ndarray:
     """``sum_k (xq - x_zp)(wq - w_zp)`` per group from ``acc = sum_k xq wq`` (all int32, exact).
 
-    ``acc`` (G, M, N); ``x_zp`` scalar or (M, 1); ``w_sums``/``w_zp`` (G, N) or None for ``w_zp``.
+    ``acc`` (G, M, N); ``x_zp`` scalar or (M, 1); ``w_sums``/``w_zp`` (G, N), or None when the activation
+    zero point is known to be 0 (``w_sums``) or the weight is symmetric (``w_zp``).
     """
     x_zp = jnp.asarray(x_zp, jnp.int32)
-    acc = acc - x_zp[None] * w_sums[:, None, :] if x_zp.ndim else acc - x_zp * w_sums[:, None, :]
+    if w_sums is not None:
+        acc = acc - x_zp[None] * w_sums[:, None, :] if x_zp.ndim else acc - x_zp * w_sums[:, None, :]
     if w_zp is not None:
         groups = acc.shape[0]
         x_sums = jnp.sum(xq.astype(jnp.int32).reshape(xq.shape[0], groups, group_size), axis=2)  # (M, G)

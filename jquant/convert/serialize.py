@@ -46,8 +46,9 @@ def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
         return {kind: [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(node)]}
     if isinstance(node, jax.Array | np.ndarray | np.generic | int | float | bool):
         key = path or "/"
-        tensors[key] = np.ascontiguousarray(np.asarray(node))
-        return {"__tensor__": key}
+        value = np.asarray(node)
+        tensors[key] = np.ascontiguousarray(value.reshape(-1) if value.ndim == 0 else value)
+        return {"__tensor__": key, "shape": list(value.shape)}
     raise TypeError(f"params: cannot save a {type(node).__name__} at {path or '<root>'}; "
                     "expected dicts, lists, tuples, arrays and QuantizedWeight")
 
@@ -56,7 +57,7 @@ def _decode(spec: Any, tensors: Mapping[str, np.ndarray]) -> Any:
     if spec is None:
         return None
     if "__tensor__" in spec:
-        return jax.numpy.asarray(tensors[spec["__tensor__"]])
+        return jax.numpy.asarray(tensors[spec["__tensor__"]].reshape(spec["shape"]))
     if "__dict__" in spec:
         return {k: _decode(v, tensors) for k, v in spec["__dict__"].items()}
     if "__list__" in spec:
