@@ -53,7 +53,9 @@ def validate_qstate(qstate: Any, plan: Plan) -> None:
             "qstate does not belong to this quantized function (or to these input shapes): "
             f"missing sites {missing}, unexpected sites {unexpected}. Create it with qf.init(*args)."
         )
-    reference = jax.eval_shape(lambda: init_qstate(plan))
+    reference = getattr(plan, "_qstate_shapes", None)
+    if reference is None:  # computed once per traced signature
+        reference = plan._qstate_shapes = jax.eval_shape(lambda: init_qstate(plan))
     for name in sorted(expected):
         got = jax.tree_util.tree_structure(qstate[name])
         want = jax.tree_util.tree_structure(reference[name])
