@@ -3,12 +3,15 @@
 from jquant.flax.calibrate import calibrate
 from jquant.flax.checkpoint import restore_checkpoint, save_checkpoint
 from jquant.flax.conv_bn import ConvBN
+from jquant.flax.nnx_qat import QATModule, QState
 from jquant.flax.schedule import QATSchedule, scheduled_apply
 from jquant.flax.train_state import QATTrainState
 
 __all__ = [
     "ConvBN",
+    "QATModule",
     "QATSchedule",
+    "QState",
     "QATTrainState",
     "calibrate",
     "restore_checkpoint",
