@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import jquant
-from jquant.examples.digits import DigitsCNN, accuracy, batches, cross_entropy, load_digits_split, train_float
+from jquant.examples.digits import accuracy, batches, cross_entropy, load_digits_split, train_float
 from jquant.flax import QATSchedule, QATTrainState
 
 
@@ -83,7 +83,7 @@ def main() -> None:
         ("fake-quant (QAT, eval)", fake_acc, _nbytes(qat_vars)),
         ("int8 (jquant.convert)", int_acc, _nbytes(int_params)),
     ]
-    print("\njquant demo: digits CNN (scikit-learn digits, 8x8 images, %d test images)\n" % len(x_test))
+    print(f"\njquant demo: digits CNN (scikit-learn digits, 8x8 images, {len(x_test)} test images)\n")
     print(f"| {'model':<24} | {'accuracy':>8} | {'weights':>10} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 12}|")
     for name, acc, size in rows:
