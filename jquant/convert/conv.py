@@ -5,7 +5,8 @@ that padded positions stand for the real value 0 and the zero-point correction v
 The convolution itself then runs unpadded, either as ``lax.conv_general_dilated(int8, int8,
 preferred_element_type=int32)`` or (``impl="im2col"``, the default for ungrouped convs) as strided slices
 concatenated into patches and one int8 matmul: on XLA:CPU the int8 matmul path is 1.5-2x faster than the int8
-convolution, and ``conv_general_dilated_patches`` on int8 is very slow.
+convolution, and ``conv_general_dilated_patches`` on int8 is very slow. For tiny contractions (a first layer
+with one input channel) ``impl="float"`` computes the same exact integer sums with a float32 convolution.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from jquant.convert.matmul import int8_matmul
 from jquant.convert.weights import QuantizedWeight
 from jquant.numerics.granularity import qparam_shape
 
-CONV_IMPLS = ("auto", "im2col", "conv")
+CONV_IMPLS = ("auto", "im2col", "conv", "float")
+# Below this many terms per output (kh * kw * c_in / groups) an int8 matmul does not pay off on XLA:CPU (its
+# int8 kernels are tuned for long contractions); "float" then runs the same exact integer sums in float32.
+SMALL_K = 64
 
 
 def _dimension_numbers(x_ndim: int, dimension_numbers: Any) -> lax.ConvDimensionNumbers:
@@ -89,23 +93,35 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation, strict=True)] + [(0, 0, 0)]
     xp = lax.pad(x_cl, x_zp.astype(jnp.int8), config)  # pad with the zero point: padded values mean 0.0
     sums = jnp.sum(k_sf.astype(jnp.int32), axis=tuple(range(nsp + 1)))  # (out,)
+    k_size = int(np.prod(k_sf.shape[:-1]))
     if impl == "auto":
-        impl = "im2col" if feature_group_count == 1 else "conv"
-    if impl == "im2col":
+        impl = "float" if k_size < SMALL_K else ("im2col" if feature_group_count == 1 else "conv")
+    spatial = "".join("HWDABCEFG"[:nsp])
+    channels_last = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    centered = False
+    if impl == "float":
+        if k_size * 128 * 255 >= 2**24:
+            raise ValueError(f"impl: 'float' is exact only for small contractions; this conv has {k_size} terms")
+        # Small integers in float32: the same exact integer sums, on the (faster here) float conv path.
+        acc = lax.conv_general_dilated((xp.astype(jnp.int32) - x_zp).astype(jnp.float32), k_sf.astype(jnp.float32),
+                                       strides, "VALID", rhs_dilation=rhs_dilation, dimension_numbers=channels_last,
+                                       feature_group_count=feature_group_count)
+        centered = True
+    elif impl == "im2col":
         if feature_group_count != 1:
             raise ValueError("impl: 'im2col' needs feature_group_count == 1; use impl='conv' for grouped convs")
-        patches = _patches(xp, window, strides, rhs_dilation)
+        # Materialize the int8 input once: otherwise XLA fuses the quantize into every window slice.
+        patches = _patches(lax.optimization_barrier(xp), window, strides, rhs_dilation)
         acc = int8_matmul(patches.reshape(-1, patches.shape[-1]), k_sf.reshape(-1, k_sf.shape[-1]),
                           pad_batch_one=pad_batch_one).reshape(*patches.shape[:-1], -1)
     elif impl == "conv":
-        spatial = "".join("HWDABCEFG"[:nsp])
-        cl = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
         acc = lax.conv_general_dilated(xp, k_sf, strides, "VALID", rhs_dilation=rhs_dilation,
-                                       dimension_numbers=cl, feature_group_count=feature_group_count,
+                                       dimension_numbers=channels_last, feature_group_count=feature_group_count,
                                        preferred_element_type=jnp.int32)
     else:
         raise ValueError(f"impl: expected one of {CONV_IMPLS}, got {impl!r}")
-    acc = acc - x_zp * sums  # exact zero-point correction (padding carries the zero point)
+    if not centered:
+        acc = acc - x_zp * sums  # exact zero-point correction (padding carries the zero point)
     if bias_q is not None:
         acc = acc + bias_q
     y = acc.astype(jnp.float32) * (x_scale * w_scale)

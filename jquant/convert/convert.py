@@ -193,10 +193,12 @@ def _original_layout_weight(qw: QuantizedWeight, plan: SitePlan, site: Site, eqn
 class IntHandler:
     """Interpreter site hook running converted sites with integer kernels (others as ``mode="eval"``)."""
 
-    def __init__(self, plans: dict[str, SitePlan], weight_only_impl: str = "auto", conv_impl: str = "auto"):
+    def __init__(self, plans: dict[str, SitePlan], weight_only_impl: str = "auto", conv_impl: str = "auto",
+                 pad_batch_one: bool | None = None):
         self.plans = plans
         self.weight_only_impl = weight_only_impl
         self.conv_impl = conv_impl
+        self.pad = pad_batch_one
         self.eval = QuantizeHandler("eval")
 
     def __call__(self, site: Site, eqn, invals: list, state: dict, scope):
@@ -224,12 +226,12 @@ class IntHandler:
             act = state["input"]
             y2 = int8_dot_general(x2, qw, DENSE, act_scale=act["scale"], act_zero_point=act["zero_point"],
                                   act_dtype=x_spec.dtype, act_quant_min=x_spec.quant_min,
-                                  act_quant_max=x_spec.quant_max)
+                                  act_quant_max=x_spec.quant_max, pad_batch_one=self.pad)
         elif plan.kind == "dynamic":
             y2 = dynamic_int8_dot_general(x2, qw, DENSE, per_token=False, symmetric=is_symmetric(x_spec.qscheme),
-                                          act_dtype=x_spec.dtype)
+                                          act_dtype=x_spec.dtype, pad_batch_one=self.pad)
         else:
-            y2 = weight_only_dot_general(x2, qw, DENSE, impl=self.weight_only_impl)
+            y2 = weight_only_dot_general(x2, qw, DENSE, impl=self.weight_only_impl, pad_batch_one=self.pad)
         return layout.output(y2, x.shape, w_shape)
 
     def _conv(self, site, eqn, plan, x, qw, state):
@@ -240,9 +242,10 @@ class IntHandler:
         if plan.kind == "static":
             act = state["input"]
             return int8_conv(*args, act_scale=act["scale"], act_zero_point=act["zero_point"], act_dtype=x_spec.dtype,
-                             act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max, impl=self.conv_impl)
+                             act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max, impl=self.conv_impl,
+                             pad_batch_one=self.pad)
         return dynamic_int8_conv(*args, symmetric=is_symmetric(x_spec.qscheme), act_dtype=x_spec.dtype,
-                                 impl=self.conv_impl)
+                                 impl=self.conv_impl, pad_batch_one=self.pad)
 
 
 class _CaptureWeights:
@@ -284,8 +287,12 @@ class ConversionReport:
         return f"weights {self.float_bytes} B -> int params {self.int_bytes} B ({self.ratio:.2f}x smaller); {kinds}"
 
 
-def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: str = "auto"):
+def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: str = "auto",
+            pad_batch_one: bool | None = None):
     """Convert a calibrated ``jquant.quantize`` function to integer execution.
+
+    ``weight_only_impl`` / ``conv_impl`` / ``pad_batch_one``: kernel choices (see ``weight_only_dot_general``,
+    ``int8_conv``, ``int8_matmul``; the defaults pick the fast path for the backend).
 
     Returns ``(int_fn, int_params)``: ``int_fn(int_params, *args_without_weights)`` (``int_params`` takes the
     place of the weights argument) is jitted and runs the integer kernels at the converted sites.
@@ -335,7 +342,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     w_leaves, w_treedef = jax.tree_util.tree_flatten_with_path(weights)
     kept = [None if path_to_name(path) in converted_paths else leaf for path, leaf in w_leaves]
     out_tree = jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args))
-    handler = IntHandler(plans, weight_only_impl=weight_only_impl, conv_impl=conv_impl)
+    handler = IntHandler(plans, weight_only_impl=weight_only_impl, conv_impl=conv_impl, pad_batch_one=pad_batch_one)
     placeholders = [jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)) for _, leaf in w_leaves]
 
     def run(stored: list, sites_state: dict, *rest):
