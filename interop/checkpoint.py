@@ -111,9 +111,21 @@ def _load_pickle(path: str, progress: bool) -> dict[str, Value]:
         raise CheckpointError(f"{path}: truncated or corrupted torch checkpoint ({_first_line(err)})") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}")
+    return state_dict_to_numpy(obj, path, progress=progress)
+
+
+def state_dict_to_numpy(
+    state: Mapping[str, Any], source: str = "state_dict", *, progress: bool = False
+) -> dict[str, Value]:
+    """A live torch state_dict (nested dicts, packed quantized params) as the flat numpy dict that
+    :func:`load_torch_checkpoint` returns for a file."""
     flat: dict[str, Any] = {}
-    _flatten(obj, "", flat, path)
-    return {k: to_numpy(v, f"{path}:{k}") for k, v in _progress(flat.items(), progress, "tensors")}
+    _flatten(state, "", flat, source)
+    out: dict[str, Value] = {}
+    for key, value in _progress(flat.items(), progress, "tensors"):
+        is_plain = isinstance(value, np.ndarray | QuantizedTensor | str | np.generic)
+        out[key] = value if is_plain else to_numpy(value, f"{source}:{key}")
+    return out
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Any], path: str) -> None:

@@ -98,15 +98,9 @@ def _add(table: QParamTable, rec: QParamRecord) -> None:
 
 
 def _as_arrays(state: Mapping[str, Any]) -> dict[str, Any]:
-    from interop.tensors import to_numpy
+    from interop.checkpoint import state_dict_to_numpy
 
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, np.ndarray | QuantizedTensor | str | np.generic):
-            out[key] = value
-        else:
-            out[key] = to_numpy(value, key)
-    return out
+    return state_dict_to_numpy(state)
 
 
 def read_torch_qparams(
@@ -137,7 +131,16 @@ def read_torch_qparams(
     _read_torchao(state, metadata or {}, table, used)
     _read_converted(state, table, used)
     _read_gpt_fast(state, table, used)
-    return table
+    # keep the state_dict (= module registration) order: the site links rely on it
+    position = {key: i for i, key in enumerate(state)}
+
+    def first(module: str) -> int:
+        return min(
+            (position.get(k, len(position)) for r in table[module].values() for k in r.torch_keys),
+            default=len(position),
+        )
+
+    return {module: table[module] for module in sorted(table, key=first)}
 
 
 def _fq_config(model: Any, path: str, role: str, scale: np.ndarray) -> tuple[dict, tuple[str, ...]]:
