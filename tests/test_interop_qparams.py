@@ -206,6 +206,30 @@ def test_torchao_flattened_safetensors_without_torchao(tmp_path):
     np.testing.assert_array_equal(deq, (qdata.float() * scale).numpy())
 
 
+def test_torchao_intx_groupwise_without_torchao(tmp_path):
+    # IntxUnpackedToInt8Tensor (int4 values in int8 storage), group size 4 along K, with zero points
+    g = torch.Generator().manual_seed(1)
+    qdata = torch.randint(-8, 8, (3, 8), generator=g, dtype=torch.int8)
+    scale = torch.rand(3, 2, generator=g) + 0.1
+    zero_point = torch.randint(-2, 3, (3, 2), generator=g, dtype=torch.int8)
+    meta = {
+        "w.weight": json.dumps(
+            {
+                "_type": "IntxUnpackedToInt8Tensor",
+                "_data": {"block_size": [1, 4], "target_dtype": {"_type": "torch.dtype", "_data": "int4"}},
+                "_tensor_data_names": ["qdata", "scale", "zero_point"],
+            }
+        ),
+        "tensor_names": json.dumps(["w.weight"]),
+    }
+    tensors = {"w._weight_qdata": qdata, "w._weight_scale": scale, "w._weight_zero_point": zero_point}
+    save_file(tensors, str(tmp_path / "intx.safetensors"), metadata=meta)
+    rec = import_qparams(tmp_path / "intx.safetensors")["w"]["weight"]
+    assert (rec.dtype, rec.quant_min, rec.quant_max, rec.block_size) == ("int4", -8, 7, (1, 4))
+    assert rec.qscheme == "per_channel_affine"
+    assert _eq(rec.scale, scale) and _eq(rec.zero_point, zero_point) and _eq(rec.qdata, qdata)
+
+
 def test_gpt_fast_int8(tmp_path):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5, 7, generator=g)
