@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jquant.demo
+	$(PY) -m interop.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
