@@ -39,6 +39,7 @@ def weight_fq(w):
     return fake_quantize_affine(w, scale, zp, dtype="int8", axis=1)
 
 
+@jax.jit
 def reference_eval(p, calib_batches, x):
     """Hand-written static int8 fake quant: min/max over the calibration batches, float activations observed."""
     xs = jnp.concatenate(calib_batches)
@@ -49,6 +50,7 @@ def reference_eval(p, calib_batches, x):
     return fake_quantize_affine(h, s2, z2) @ weight_fq(p["w2"]) + p["b2"]
 
 
+@jax.jit
 def reference_on_the_fly(p, x):
     """Qparams from the tensors of this very call, as they arrive (dynamic quant, or one QAT step)."""
     s1, z1 = act_qparams(x)
@@ -119,8 +121,8 @@ def test_qat_gradients_are_straight_through_fake_quant():
     def loss_ref(p, x):
         return jnp.sum(reference_eval(p, [x], x) ** 2)
 
-    gq = jax.grad(loss_q, argnums=(0, 1))(p, x)
-    gr = jax.grad(loss_ref, argnums=(0, 1))(p, x)
+    gq = jax.jit(jax.grad(loss_q, argnums=(0, 1)))(p, x)
+    gr = jax.jit(jax.grad(loss_ref, argnums=(0, 1)))(p, x)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), gq, gr)
     assert float(jnp.abs(gq[0]["w1"]).sum()) > 0
 

@@ -106,8 +106,8 @@ def test_fori_loop_and_checkpoint_with_gradients():
 
     out, _ = qf.apply(qstate, p, x, mode="eval")
     np.testing.assert_allclose(out, ref(p, x), rtol=1e-5, atol=1e-6)
-    g = jax.grad(lambda p, x: qf.apply(qstate, p, x, mode="eval")[0].sum(), argnums=(0, 1))(p, x)
-    g_ref = jax.grad(lambda p, x: ref(p, x).sum(), argnums=(0, 1))(p, x)
+    g = jax.jit(jax.grad(lambda p, x: qf.apply(qstate, p, x, mode="eval")[0].sum(), argnums=(0, 1)))(p, x)
+    g_ref = jax.jit(jax.grad(lambda p, x: ref(p, x).sum(), argnums=(0, 1)))(p, x)
     np.testing.assert_allclose(g[0]["e"], g_ref[0]["e"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-4, atol=1e-5)
 
@@ -132,9 +132,9 @@ def test_custom_jvp_activations_relu_gelu_silu():
         return jax.nn.silu(fq_act(r, h2.min(), h2.max()) @ fq_weight(p["c"]))
 
     out, _ = qf.apply(qstate, p, x, mode="eval")
-    np.testing.assert_allclose(out, ref(p, x), rtol=1e-5, atol=1e-6)
-    g = jax.grad(lambda x: qf.apply(qstate, p, x, mode="eval")[0].sum())(x)
-    np.testing.assert_allclose(g, jax.grad(lambda x: ref(p, x).sum())(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, jax.jit(ref)(p, x), rtol=1e-5, atol=1e-6)
+    g = jax.jit(jax.grad(lambda x: qf.apply(qstate, p, x, mode="eval")[0].sum()))(x)
+    np.testing.assert_allclose(g, jax.jit(jax.grad(lambda x: ref(p, x).sum()))(x), rtol=1e-4, atol=1e-5)
 
 
 def test_sites_inside_custom_jvp_and_custom_vjp_keep_their_derivative():

@@ -114,7 +114,8 @@ class QuantizedFunction:
 
     def init(self, *args) -> dict:
         """A fresh qstate for ``args``' signature: empty observers, scale 1, zero point 0."""
-        return init_qstate(self._trace(args)[0])
+        plan = self._trace(args)[0]
+        return jax.jit(partial(init_qstate, plan))()  # one compile instead of many eager ops
 
     def apply(self, qstate: dict, *args, mode: str = "eval") -> tuple[Any, dict]:
         """Run the quantized function; returns ``(output, new_qstate)``. ``mode``: calibrate | qat | eval."""
