@@ -99,7 +99,9 @@ class QuantizedFunction:
             specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False)) for a in avals]
             with source_info_util.reset_name_stack():
                 closed = jax.make_jaxpr(flat_fn)(*specs)
-            cached = (build_plan(closed, paths, self.rules, self.strict), out_tree[0])
+            plan = build_plan(closed, paths, self.rules, self.strict)
+            plan.out_tree = out_tree[0]
+            cached = (plan, out_tree[0])
             self._plans[key] = cached
         self._last = cached[0]
         return cached

@@ -5,7 +5,8 @@ Hook (used by the quantize transform and by ``jquant.convert``)::
     outs, new_states = interpret(plan, handler, states, *flat_args)
 
 - ``plan``: a ``jquant.transform.plan.Plan`` (``QuantizedFunction.plan(*args)`` builds and caches it): the
-  traced ``ClosedJaxpr`` plus the quantized sites, keyed by equation.
+  traced ``ClosedJaxpr`` plus the quantized sites, keyed by equation; ``plan.quantized_sites`` lists them
+  and ``jax.tree_util.tree_unflatten(plan.out_tree, outs)`` rebuilds the function's output.
 - ``flat_args``: the flat leaves of the function's arguments (``jax.tree_util.tree_leaves(args)``), in the
   order the jaxpr takes them. Weights a handler replaces may be passed as placeholders (e.g. zeros of the
   right shape): the layout equations on them (reshape/transpose) become dead code that XLA removes.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
@@ -52,6 +53,7 @@ class Plan:
     by_eqn: dict[int, Site]
     inner: dict[int, tuple[str, ...]]
     unmatched_rules: tuple[Rule, ...]
+    out_tree: Any = None  # pytree structure of fn's output (set by QuantizedFunction)
 
     @property
     def quantized_sites(self) -> list[Site]:
