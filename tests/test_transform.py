@@ -220,7 +220,9 @@ def test_lsq_qparams_are_learnable():
     _, after_qat = qf.apply(qstate, p, x * 3, mode="qat")
     # QAT leaves the LSQ qparams to training.
     jax.tree_util.tree_map(np.testing.assert_array_equal, learnable_params(after_qat), learnable_params(qstate))
-    assert float(after_qat["w1/dot_general"]["input"]["observer"].max_val) == float((x * 3).max())
+    old_max = float(qstate["w1/dot_general"]["input"]["observer"].max_val)
+    new_max = float(after_qat["w1/dot_general"]["input"]["observer"].max_val)
+    assert new_max == pytest.approx(old_max + 0.01 * (float((x * 3).max()) - old_max))  # moving average observer
     # LSQ forward equals the STE fake quant with the same (integer-valued) qparams.
     out_lsq, _ = qf.apply(qstate, p, x, mode="eval")
     np.testing.assert_allclose(out_lsq, reference_eval(p, [x], x), rtol=1e-6, atol=1e-6)
