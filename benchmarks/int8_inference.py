@@ -27,15 +27,19 @@ from jquant.convert.convert import convert
 from jquant.transform import presets
 
 
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time (ms) of each callable; measured round-robin so that load from other processes on a
+    shared machine hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
 # -- models (plain JAX; weights in the Flax layouts) ----------------------------------------------------------
@@ -161,23 +165,34 @@ def run(reps_big: int, reps_small: int, batches, models) -> list[tuple]:
             reps = reps_big if batch > 8 else reps_small
             x = jnp.asarray(rng.standard_normal((batch, *in_shape)), jnp.float32)
             tx = torch.randn(batch, *t_shape)
-            results = {}
-            results["JAX f32"] = median_ms(lambda: f32(params, x).block_until_ready(), reps)
-            results["JAX bf16"] = median_ms(lambda: bf16(params_bf16, x).block_until_ready(), reps)
+            fns = {
+                "JAX f32": lambda f=f32, p=params, x=x: f(p, x).block_until_ready(),
+                "JAX bf16": lambda f=bf16, p=params_bf16, x=x: f(p, x).block_until_ready(),
+            }
             for label, (qf, qstate) in converted.items():
                 int_fn, int_params = convert(qf, qstate, params, x)
-                results[f"jquant int8 {label}"] = median_ms(lambda f=int_fn, p=int_params: f(p, x).block_until_ready(),
-                                                            reps)
+                fns[f"jquant int8 {label}"] = lambda f=int_fn, p=int_params, x=x: f(p, x).block_until_ready()
                 if batch == 1 and label == "static":
                     nopad_fn, nopad_params = convert(qf, qstate, params, x, pad_batch_one=False)
-                    results["jquant int8 static, no batch-1 padding"] = median_ms(
-                        lambda f=nopad_fn, p=nopad_params: f(p, x).block_until_ready(), reps)
-                if batch == 256 and label == "static":
+                    fns["jquant int8 static, no batch-1 padding"] = (
+                        lambda f=nopad_fn, p=nopad_params, x=x: f(p, x).block_until_ready())
+                if label == "static":
                     report = int_fn.report
-            with torch.inference_mode():
-                results["torch f32"] = median_ms(lambda: t_float(tx), reps)
-                results["torch int8 static (x86)"] = median_ms(lambda: t_static(tx), reps)
-                results["torch int8 dynamic"] = median_ms(lambda: t_dynamic(tx), reps)
+
+            def in_inference_mode(model, tx=tx):
+                def call():
+                    with torch.inference_mode():
+                        model(tx)
+
+                return call
+
+            # Frameworks are timed separately: torch's OpenMP workers spin after each call and would slow JAX.
+            results = median_ms(fns, reps)
+            results.update(median_ms({
+                "torch f32": in_inference_mode(t_float),
+                "torch int8 static (x86)": in_inference_mode(t_static),
+                "torch int8 dynamic": in_inference_mode(t_dynamic),
+            }, reps))
             for impl, ms in results.items():
                 rows.append((name, batch, impl, ms, results["JAX f32"] / ms))
         rows.append((name, "-", f"weights: {report.float_bytes / 1e6:.2f} MB f32 -> "

@@ -1,0 +1,165 @@
+"""QAT fast path: the forward runs the int8 x int8 -> int32 dot, the backward is straight-through in float32.
+
+``qat_int8_matmul(x, w, ...)`` computes exactly what ``fake_quant(x) @ fake_quant(w)`` computes (integer sums
+are exact; one float rescale) and has the fake-quant STE gradients: ``dx = (dy @ fq(w).T) * in_range(x)``,
+``dw = (fq(x).T @ dy) * in_range(w)``, no gradient to the qparams (they come from observers). The backward
+recomputes ``fq`` and the masks from the saved float inputs (one fused elementwise pass each).
+
+``qat_apply(qf, qstate, *args)`` is ``qf.apply(qstate, *args, mode="qat")`` with every eligible
+``dot_general`` site (int8 / uint8 static per-tensor activations, int8 symmetric per-tensor or single-axis
+per-channel weights, STE, no output spec) on the fast path; other sites run the transform's own QAT handler.
+Observers are updated exactly as in ``mode="qat"``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.convert.dot import DotLayout
+from jquant.convert.matmul import int8_matmul
+from jquant.convert.weights import canonical_matrix
+from jquant.numerics.affine import reciprocal, round_to_grid
+from jquant.numerics.qschemes import is_symmetric
+from jquant.numerics.qtypes import qrange
+from jquant.transform import slots
+from jquant.transform.handler import QuantizeHandler, layout_of
+from jquant.transform.interpreter import interpret
+from jquant.transform.specs import QuantizationSpec
+from jquant.transform.state import validate_qstate
+
+
+def _grid(x, scale, zero_point, qmin, qmax):
+    q = round_to_grid(x, reciprocal(scale), zero_point)
+    return jnp.clip(q, qmin, qmax), (q >= qmin) & (q <= qmax)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def qat_int8_matmul(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range):
+    """``fq(x) @ fq(w)`` for ``x (M, K)``, ``w (K, N)`` via an int8 dot; STE backward (see module docstring).
+
+    ``x_scale``/``x_zero_point``: per-tensor scalars; ``w_scale`` ``(N,)`` or scalar, ``w_zero_point`` must be 0
+    (symmetric weights); ``x_range``/``w_range``: ``(qmin, qmax)`` with ``qmax - qmin <= 255``.
+    """
+    return _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range)
+
+
+def _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range):
+    x_zp = jnp.asarray(x_zero_point, jnp.int32)
+    qx, _ = _grid(x.astype(jnp.float32), x_scale, x_zp, *x_range)
+    qw, _ = _grid(w.astype(jnp.float32), w_scale, jnp.zeros((), jnp.int32), *w_range)
+    shift = 128 if x_range[1] > 127 else 0  # uint8 activations run as int8 with a shifted zero point
+    qx8 = (qx.astype(jnp.int32) - shift).astype(jnp.int8)
+    qw8 = qw.astype(jnp.int8)
+    acc = int8_matmul(qx8, qw8) - (x_zp - shift) * jnp.sum(qw8.astype(jnp.int32), axis=0)
+    return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(x.dtype)
+
+
+def _fwd(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range):
+    y = _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range)
+    return y, (x, w, x_scale, x_zero_point, w_scale, w_zero_point)
+
+
+def _bwd(x_range, w_range, residuals, dy):
+    x, w, x_scale, x_zero_point, w_scale, w_zero_point = residuals
+    x_zp = jnp.asarray(x_zero_point, jnp.int32)
+    qx, mask_x = _grid(x.astype(jnp.float32), x_scale, x_zp, *x_range)
+    qw, mask_w = _grid(w.astype(jnp.float32), w_scale, jnp.zeros((), jnp.int32), *w_range)
+    fx = (qx - x_zp.astype(jnp.float32)) * x_scale
+    fw = qw * w_scale
+    dy = dy.astype(jnp.float32)
+    dx = jnp.where(mask_x, dy @ fw.T, 0.0).astype(x.dtype)
+    dw = jnp.where(mask_w, fx.T @ dy, 0.0).astype(w.dtype)
+    return dx, dw, jnp.zeros_like(x_scale), _zero_cotangent(x_zero_point), jnp.zeros_like(w_scale), \
+        _zero_cotangent(w_zero_point)
+
+
+def _zero_cotangent(value):
+    value = jnp.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.floating):
+        return jnp.zeros_like(value)
+    return np.zeros(value.shape, dtype=jax.dtypes.float0)
+
+
+qat_int8_matmul.defvjp(_fwd, _bwd)
+
+
+def _eligible(site, eqn) -> tuple[Any, Any] | None:
+    """(weight operand, input operand) when the site can use the fast path, else None."""
+    if site.primitive != "dot_general" or site.output_spec is not None or len(site.operands) != 2:
+        return None
+    weights = [op for op in site.operands if op.role == "weight"]
+    inputs = [op for op in site.operands if op.role == "input"]
+    if len(weights) != 1 or len(inputs) != 1:
+        return None
+    w_op, x_op = weights[0], inputs[0]
+    ws, xs = w_op.spec, x_op.spec
+    if not (isinstance(ws, QuantizationSpec) and isinstance(xs, QuantizationSpec)):
+        return None
+    if ws.dtype != "int8" or not is_symmetric(ws.qscheme) or ws.block_size or ws.is_dynamic or ws.fake_quant != "ste":
+        return None
+    if xs.dtype not in ("int8", "uint8") or xs.per_channel or xs.is_dynamic or xs.fake_quant != "ste":
+        return None
+    (_, _), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb:
+        return None
+    return w_op, x_op
+
+
+class FastQATHandler(QuantizeHandler):
+    """``mode="qat"`` site handler that runs eligible ``dot_general`` sites with ``qat_int8_matmul``."""
+
+    def __init__(self):
+        super().__init__("qat")
+
+    def __call__(self, site, eqn, invals, state, scope):
+        ops = _eligible(site, eqn)
+        if ops is None:
+            return super().__call__(site, eqn, invals, state, scope)
+        w_op, x_op = ops
+        w, x = invals[w_op.index], invals[x_op.index]
+        w_layout = layout_of(site, w_op.key, w_op.spec)
+        if w_layout.perm is not None:  # multi-dim per-channel weights: not on the fast path
+            return super().__call__(site, eqn, invals, state, scope)
+        state = dict(state)
+        for op, value in ((w_op, w), (x_op, x)):
+            layout = layout_of(site, op.key, op.spec)
+            state[op.key] = slots.observe(op.spec, layout, state[op.key], [value], set_learnable=False)
+        x_scale, x_zp = slots.slot_qparams(state[x_op.key])
+        w_scale, _ = slots.slot_qparams(state[w_op.key])
+        side = "rhs" if w_op.index == 1 else "lhs"
+        layout = DotLayout.of(x.ndim, w.ndim, eqn.params["dimension_numbers"], side)
+        free_shape = [w.shape[a] for a in layout.w_free]
+        if w_layout.axis is None:
+            w_scale_n = jnp.asarray(w_scale, jnp.float32).reshape(())
+        else:
+            if w_layout.axis not in layout.w_free:
+                return super().__call__(site, eqn, invals, state, scope)
+            expand = [1] * len(free_shape)
+            position = layout.w_free.index(w_layout.axis)
+            expand[position] = free_shape[position]
+            w_scale_n = jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32).reshape(expand), free_shape).reshape(-1)
+        x_range = qrange(x_op.spec.dtype, x_op.spec.quant_min, x_op.spec.quant_max)
+        w_range = qrange(w_op.spec.dtype, w_op.spec.quant_min, w_op.spec.quant_max)
+        y2 = qat_int8_matmul(layout.x_matrix(x), canonical_matrix(w, layout.w_contract, layout.w_free),
+                             jnp.asarray(x_scale, jnp.float32).reshape(()), jnp.asarray(x_zp).reshape(()),
+                             w_scale_n, jnp.zeros((), jnp.int32), x_range, w_range)
+        return [layout.output(y2, x.shape, w.shape)], state
+
+
+_OUT_TREES: dict[int, Any] = {}
+
+
+def qat_apply(qf, qstate: dict, *args) -> tuple[Any, dict]:
+    """``qf.apply(qstate, *args, mode="qat")`` with the int8 forward on eligible sites (call it under ``jit``)."""
+    plan = qf.plan(*args)
+    validate_qstate(qstate, plan)
+    key = id(plan)
+    if key not in _OUT_TREES:
+        _OUT_TREES[key] = (plan, jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args)))
+    outs, new_states = interpret(plan, FastQATHandler(), qstate, *jax.tree_util.tree_leaves(args))
+    return jax.tree_util.tree_unflatten(_OUT_TREES[key][1], outs), new_states
