@@ -173,8 +173,6 @@ class QuantizeHandler:
             return _fixed(spec, y) if quantize else y
         if isinstance(spec, DerivedQuantizationSpec):
             return self._derived(site, "output", spec, y, qparams, scope) if quantize else y
-        if isinstance(spec, SharedQuantizationSpec):
-            raise ValueError(f"site {site.name!r}: an output cannot use SharedQuantizationSpec")
         layout = layout_of(site, "output", spec)
         if spec.is_dynamic:
             scale, zero_point = slots.dynamic_qparams(spec, layout, y)

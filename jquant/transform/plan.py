@@ -223,6 +223,8 @@ class _Discovery:
 
 def _validate_site(site: Site, known: dict[str, Site]) -> None:
     keys = {op.key: op for op in site.operands}
+    if isinstance(site.output_spec, SharedQuantizationSpec):
+        raise ValueError(f"site {site.name!r}: an output cannot use SharedQuantizationSpec (share between inputs)")
     for op in site.operands:
         spec = op.spec
         where = f"site {site.name!r}, operand {op.key!r} (shape {op.shape})"

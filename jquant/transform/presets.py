@@ -19,7 +19,7 @@ def _excluded(exclude: Sequence[str]) -> tuple[Rule, ...]:
 
 
 def int8_weight_spec(observer: str = "per_channel_minmax", fake_quant: str = "ste") -> QuantizationSpec:
-    """Symmetric per-output-channel int8 weights (range -127..127 would differ from torch; torch uses -128)."""
+    """Symmetric per-output-channel int8 weights over the full qint8 range -128..127 (as torch's qint8)."""
     return QuantizationSpec("int8", "per_channel_symmetric", observer=observer, fake_quant=fake_quant)
 
 
