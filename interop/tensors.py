@@ -28,15 +28,19 @@ def to_numpy(value: Any, key: str = "<value>") -> np.ndarray | QuantizedTensor |
     torch.dtype / torch.qscheme -> its name, python number -> 0-d ndarray."""
     torch = require_torch()
     if isinstance(value, torch.Tensor):
+        # clone: .numpy() on a view of the caller's tensor would make its storage non-resizable, and torch's
+        # fake quants resize their scale buffers when a per-channel state_dict is loaded into them
         t = value.detach().cpu()
+        if not t.is_quantized:
+            t = t.clone()
         if t.is_quantized:
             return quantized_to_record(t)
         name = torch_dtype_name(t.dtype)
         if name in _BIT_VIEWS:
             np_dtype, int_name = _BIT_VIEWS[name]
-            return t.contiguous().view(getattr(torch, int_name)).numpy().view(np_dtype).copy()
+            return t.contiguous().view(getattr(torch, int_name)).numpy().view(np_dtype)
         try:
-            return t.numpy().copy()
+            return t.numpy()
         except TypeError as err:
             raise TypeError(f"{key}: torch dtype {t.dtype} has no numpy equivalent") from err
     if isinstance(value, torch.dtype | torch.qscheme):
