@@ -186,3 +186,17 @@ def test_invalid_specs_and_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize(lambda p, x: x @ p["w"]).init(p, x)  # the default preset matches: no warning
+
+
+def test_observer_by_short_name_histogram():
+    from jquant.observers import HistogramObserver
+
+    p, x = setup()
+    spec = QuantizationSpec("uint8", "per_tensor_affine", observer="histogram")
+    qf = quantize(lambda p, x: x @ p["w"], [Rule(weight=WEIGHT, inputs=spec)])
+    qstate = qf.init(p, x)
+    _, qstate = qf.apply(qstate, p, x, mode="calibrate")
+    obs = HistogramObserver(dtype="uint8", qscheme="per_tensor_affine")
+    expected = obs.calculate_qparams(obs.update(obs.init(x), x))
+    got = qstate["w/dot_general"]["input"]["scale"], qstate["w/dot_general"]["input"]["zero_point"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)

@@ -22,6 +22,7 @@ from jquant.numerics.lsq import (
     fake_quantize_learnable_per_tensor_affine,
 )
 from jquant.numerics.qtypes import qrange
+from jquant.observers import get_observer
 from jquant.transform.specs import QuantizationSpec
 
 
@@ -84,25 +85,6 @@ def observer_for(spec: QuantizationSpec, layout: Layout) -> Any:
     if per_channel:
         kwargs["ch_axis"] = layout.axis if layout.perm is None else 0
     return get_observer(name, **kwargs)
-
-
-def get_observer(name: str, **kwargs) -> Any:
-    """``jquant.observers.get_observer`` when available, else the four min/max observers by short name."""
-    try:
-        from jquant.observers import get_observer as registry
-    except ImportError:
-        from jquant import observers
-
-        classes = {
-            "minmax": observers.MinMaxObserver,
-            "moving_average": observers.MovingAverageMinMaxObserver,
-            "per_channel_minmax": observers.PerChannelMinMaxObserver,
-            "moving_average_per_channel": observers.MovingAveragePerChannelMinMaxObserver,
-        }
-        if name not in classes:
-            raise ValueError(f"observer: unknown observer {name!r}; known: {sorted(classes)}") from None
-        return classes[name](**kwargs)
-    return registry(name, **kwargs)
 
 
 def _qparam_axis(layout: Layout) -> int | None:
