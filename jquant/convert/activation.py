@@ -38,8 +38,11 @@ def quantize_activation(
     dtype: Any = "uint8",
     quant_min: int | None = None,
     quant_max: int | None = None,
+    inv_scale: Any = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Quantize ``x`` with ``scale``/``zero_point`` (broadcast against ``x``) into int8 storage.
+
+    ``inv_scale``: the precomputed float32 ``1 / scale`` (saves a division per call for static qparams).
 
     Returns ``(q, zp)`` with ``q`` int8 and ``zp`` int32 such that ``(q - zp) * scale`` is the fake-quant
     value of ``x``; for uint8 both are shifted by -128. Integer ``x`` is taken as already quantized
@@ -50,8 +53,8 @@ def quantize_activation(
     if jnp.issubdtype(x.dtype, jnp.integer):
         q = x.astype(jnp.int32)
     else:
-        scale = jnp.asarray(scale, jnp.float32)
-        q = jnp.clip(round_to_grid(x.astype(jnp.float32), reciprocal(scale), zp), qmin, qmax)
+        inv = reciprocal(jnp.asarray(scale, jnp.float32)) if inv_scale is None else jnp.asarray(inv_scale, jnp.float32)
+        q = jnp.clip(round_to_grid(x.astype(jnp.float32), inv, zp), qmin, qmax)
     return (q - shift).astype(jnp.int8), zp - shift
 
 

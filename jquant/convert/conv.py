@@ -144,6 +144,7 @@ def int8_conv(
     act_dtype: Any = "uint8",
     act_quant_min: int | None = None,
     act_quant_max: int | None = None,
+    act_inv_scale: Any = None,
     bias: Any = None,
     bias_int32: bool = True,
     impl: str = "auto",
@@ -159,7 +160,7 @@ def int8_conv(
         raise ValueError(f"act_scale: static activations use one per-tensor scale, got shape {x_scale.shape}")
     x_scale = x_scale.reshape(())
     xq, x_zp = quantize_activation(x, x_scale, jnp.asarray(act_zero_point).reshape(()), dtype=act_dtype,
-                                   quant_min=act_quant_min, quant_max=act_quant_max)
+                                   quant_min=act_quant_min, quant_max=act_quant_max, inv_scale=act_inv_scale)
     return _finish(xq, x_zp, x_scale, w, bias, bias_int32, window_strides, padding, lhs_dilation, rhs_dilation,
                    dimension_numbers, feature_group_count, impl, pad_batch_one)
 

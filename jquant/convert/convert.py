@@ -32,7 +32,7 @@ import numpy as np
 from jquant.convert.conv import dynamic_int8_conv, int8_conv
 from jquant.convert.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
 from jquant.convert.weights import QuantizedWeight, canonical_matrix, tree_nbytes, weight_block_size
-from jquant.numerics.affine import quantize_affine
+from jquant.numerics.affine import quantize_affine, reciprocal
 from jquant.numerics.packing import pack_int4
 from jquant.numerics.qschemes import is_symmetric
 from jquant.transform.handler import QuantizeHandler, layout_of
@@ -225,6 +225,7 @@ class IntHandler:
         if plan.kind == "static":
             act = state["input"]
             y2 = int8_dot_general(x2, qw, DENSE, act_scale=act["scale"], act_zero_point=act["zero_point"],
+                                  act_inv_scale=act["inv_scale"],
                                   act_dtype=x_spec.dtype, act_quant_min=x_spec.quant_min,
                                   act_quant_max=x_spec.quant_max, pad_batch_one=self.pad)
         elif plan.kind == "dynamic":
@@ -241,7 +242,8 @@ class IntHandler:
                 p["dimension_numbers"], p["feature_group_count"])
         if plan.kind == "static":
             act = state["input"]
-            return int8_conv(*args, act_scale=act["scale"], act_zero_point=act["zero_point"], act_dtype=x_spec.dtype,
+            return int8_conv(*args, act_scale=act["scale"], act_zero_point=act["zero_point"],
+                             act_inv_scale=act["inv_scale"], act_dtype=x_spec.dtype,
                              act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max, impl=self.conv_impl,
                              pad_batch_one=self.pad)
         return dynamic_int8_conv(*args, symmetric=is_symmetric(x_spec.qscheme), act_dtype=x_spec.dtype,
@@ -331,7 +333,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         if sp.kind == "static":
             x_key = site.operands[sp.input_index].key
             scale, zp = _stacked(_slot_qparams, len(site.stack))(qstate[name][x_key])
-            entry["input"] = {"scale": scale, "zero_point": zp}
+            entry["input"] = {"scale": scale, "zero_point": zp, "inv_scale": reciprocal(scale)}
         elif sp.kind == "dequantize":
             entry["eval"] = {k: _eval_slot(v) for k, v in qstate[name].items()}
         site_states[name] = entry

@@ -139,6 +139,7 @@ def int8_dot_general(
     act_dtype: Any = "uint8",
     act_quant_min: int | None = None,
     act_quant_max: int | None = None,
+    act_inv_scale: Any = None,
     weight_side: str = "rhs",
     bias: Any = None,
     bias_int32: bool = True,
@@ -151,7 +152,8 @@ def int8_dot_general(
 ) -> jnp.ndarray:
     """Static W8A8 ``dot_general``: calibrated per-tensor activation qparams, int8 weight, int32 accumulation.
 
-    ``x`` is float (quantized here with ``act_scale``/``act_zero_point``) or already-quantized integers.
+    ``x`` is float (quantized here with ``act_scale``/``act_zero_point``; ``act_inv_scale`` optionally gives the
+    precomputed ``1 / act_scale``) or already-quantized integers.
     ``bias`` (float, along the weight's output dims) is added in int32 with the derived scale
     ``act_scale * w_scale`` when ``bias_int32`` (per-channel weights), else in float. Returns float32, or the
     output quantized with ``out_scale``/``out_zero_point`` as ``out_dtype`` when ``out_scale`` is given.
@@ -164,7 +166,7 @@ def int8_dot_general(
     x_scale = x_scale.reshape(())
     xq, x_zp = quantize_activation(
         x, x_scale, jnp.asarray(act_zero_point).reshape(()), dtype=act_dtype,
-        quant_min=act_quant_min, quant_max=act_quant_max,
+        quant_min=act_quant_min, quant_max=act_quant_max, inv_scale=act_inv_scale,
     )
     bias_q, bias_f = None, None
     if bias is not None:
