@@ -33,7 +33,8 @@ class DigitsCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, freeze_bn: Any = False) -> jnp.ndarray:
         x = nn.relu(ConvBN(16, (3, 3))(x, train, freeze_bn))
-        x = nn.relu(ConvBN(32, (3, 3), strides=(2, 2))(x, train, freeze_bn))
+        # explicit symmetric padding: "SAME" pads a stride-2 conv unevenly, unlike torch's padding=1
+        x = nn.relu(ConvBN(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(x, train, freeze_bn))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(64)(x))
         return nn.Dense(10)(x)

@@ -2,7 +2,7 @@
 
 from jquant.flax.calibrate import calibrate
 from jquant.flax.checkpoint import restore_checkpoint, save_checkpoint
-from jquant.flax.conv_bn import ConvBN
+from jquant.flax.conv_bn import ConvBN, fold_conv_bn
 from jquant.flax.nnx_qat import QATModule, QState
 from jquant.flax.schedule import QATSchedule, scheduled_apply
 from jquant.flax.train_state import QATTrainState
@@ -14,6 +14,7 @@ __all__ = [
     "QState",
     "QATTrainState",
     "calibrate",
+    "fold_conv_bn",
     "restore_checkpoint",
     "save_checkpoint",
     "scheduled_apply",

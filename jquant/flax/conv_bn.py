@@ -75,3 +75,14 @@ def _channels_last(spatial_dims: int) -> tuple[str, str, str]:
     if letters is None:
         raise ValueError(f"kernel_size: ConvBN supports 1 to 3 spatial dims, got {spatial_dims}")
     return f"N{letters}C", f"{letters}IO", f"N{letters}C"
+
+
+def fold_conv_bn(params: dict, batch_stats: dict, epsilon: float = 1e-5) -> dict:
+    """The fused conv of one ``ConvBN``: ``{"kernel": kernel * gamma / std, "bias": beta - gamma * mean / std}``.
+
+    ``params`` / ``batch_stats`` are the module's own collections (``kernel``, ``scale``, ``bias`` and
+    ``mean``, ``var``). This is the conv that ``ConvBN`` runs at inference and that torch's converted
+    ``ConvBn2d`` holds.
+    """
+    factor = params["scale"] * lax.rsqrt(batch_stats["var"] + epsilon)
+    return {"kernel": params["kernel"] * factor, "bias": params["bias"] - factor * batch_stats["mean"]}

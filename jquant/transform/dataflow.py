@@ -4,8 +4,10 @@ Every jaxpr variable gets a ``VarInfo``: the parameter path it comes from (``Non
 the site that produced it. A value stays a weight through layout-only and precision-only equations
 (reshape, transpose, convert_element_type, broadcast_in_dim, slice, dynamic_slice, squeeze, expand_dims,
 rev, copy, sharding constraints) and across jit boundaries, scan xs and consts, cond operands, while
-consts, remat and custom_jvp / custom_vjp calls. Anything else (arithmetic, gather, a loop carry) makes it
-an activation: ``embedding[tokens]`` is an activation, and so is ``w * 2``.
+consts, remat and custom_jvp / custom_vjp calls. Elementwise arithmetic whose operands are all weights or
+constants also gives a weight (a "derived weight"): BatchNorm folded into a conv kernel
+(``kernel * gamma / sqrt(var + eps)``), ``w * mask``, ``w * 2``. Anything mixing in an activation (a gather
+``embedding[tokens]``, ``w * x``, a loop carry) makes it an activation.
 """
 
 from __future__ import annotations
@@ -38,20 +40,31 @@ PASSTHROUGH = frozenset(
 )
 
 
+# Elementwise primitives through which a value computed only from weights (and constants) stays a weight.
+ELEMENTWISE = frozenset(
+    {
+        "add", "add_any", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "sqrt", "rsqrt", "exp", "log",
+        "square", "integer_pow", "pow", "tanh", "logistic", "select_n", "clamp", "round", "floor", "ceil",
+    }
+)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class VarInfo:
     """What the discovery pass knows about one jaxpr variable."""
 
     param_path: str | None = None
     producer: str | None = None
+    constant: bool = False
 
 
 ACTIVATION = VarInfo()
+CONSTANT = VarInfo(constant=True)
 
 
 def read_info(env: dict, var) -> VarInfo:
     if isinstance(var, Literal):
-        return ACTIVATION
+        return CONSTANT
     return env.get(var, ACTIVATION)
 
 
@@ -62,9 +75,19 @@ def passthrough_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
     return None
 
 
+def derived_weight_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
+    """The output info of elementwise arithmetic on weights and constants only (else None)."""
+    if primitive not in ELEMENTWISE:
+        return None
+    paths = [i.param_path for i in infos if i.param_path is not None]
+    if paths and all(i.param_path is not None or i.constant for i in infos):
+        return VarInfo(param_path=paths[0])
+    return None
+
+
 def entering_scope(info: VarInfo) -> VarInfo:
     """Info of a value seen inside a sub-jaxpr with its own qstate scope (producers do not cross scopes)."""
-    return VarInfo(param_path=info.param_path)
+    return VarInfo(param_path=info.param_path, constant=info.constant)
 
 
 def weight_axes(primitive: str, params: dict, index: int, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -96,7 +96,8 @@ class _Discovery:
     # -- walking -------------------------------------------------------------------------------------------
     def walk(self, jaxpr: Jaxpr, in_infos, prefix: str, stack: tuple[int, ...], in_while: bool):
         """Returns (output infos, names of quantized sites found in this jaxpr, recursively)."""
-        env = dict(zip(jaxpr.invars, in_infos, strict=True))
+        env = {v: dataflow.CONSTANT for v in jaxpr.constvars}  # closed-over arrays: constants, not activations
+        env.update(zip(jaxpr.invars, in_infos, strict=True))
         names: list[str] = []
         for eqn in jaxpr.eqns:
             infos = [dataflow.read_info(env, v) for v in eqn.invars]
@@ -114,7 +115,7 @@ class _Discovery:
                     self.keepalive.append(eqn)
                     names.extend(inner)
             else:
-                passed = dataflow.passthrough_info(name, infos)
+                passed = dataflow.passthrough_info(name, infos) or dataflow.derived_weight_info(name, infos)
                 if passed is not None:
                     out_infos = [passed] * len(eqn.outvars)
             env.update(zip(eqn.outvars, out_infos, strict=True))
