@@ -14,6 +14,7 @@ import argparse
 import re
 import statistics
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -77,18 +78,24 @@ def hand_forward(params, state, x, observe):
     return x, new_state
 
 
-def timed(fn, *args, iters):
-    """(median step seconds, compile seconds incl. tracing, optimized HLO text)."""
+def compile_timed(fn, *args):
+    """(compiled executable, compile seconds including tracing)."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))
-    times = []
+    return compiled, seconds
+
+
+def alternating_medians(calls: list, iters: int) -> list[float]:
+    """Median seconds per call, calling the candidates in turn so they share the machine's noise."""
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), compile_s, compiled.as_text()
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def hlo_ops(text: str) -> list[str]:
@@ -146,17 +153,14 @@ def main() -> None:
         ("eval forward", jq_eval, hand_eval, (qstate, params, x), (hstate, params, x)),
         ("QAT train step", jq_step, hand_step, (qstate, params, x, y), (hstate, params, x, y)),
     ]:
-        # Round 0 gives the cold compile times (jquant's includes tracing through the interpreter); later
-        # rounds are interleaved to share machine noise, and the best median is kept.
-        hand_runs = [timed(hand, *hargs, iters=args.iters)]
-        jq_runs = [timed(jq, *jargs, iters=args.iters)]
-        for _ in range(2):
-            hand_runs.append(timed(hand, *hargs, iters=args.iters))
-            jq_runs.append(timed(jq, *jargs, iters=args.iters))
-        same_hlo = hlo_ops(jq_runs[0][2]) == hlo_ops(hand_runs[0][2])
-        rows.append((label, min(r[0] for r in jq_runs), min(r[0] for r in hand_runs), jq_runs[0][1],
-                     hand_runs[0][1], same_hlo))
-    float_t, float_c, _ = timed(float_step, params, x, y, iters=args.iters)
+        hand_exe, hand_c = compile_timed(hand, *hargs)
+        jq_exe, jq_c = compile_timed(jq, *jargs)  # includes tracing through the interpreter
+        same_hlo = hlo_ops(jq_exe.as_text()) == hlo_ops(hand_exe.as_text())
+        calls = [partial(jq_exe, *jargs), partial(hand_exe, *hargs)]
+        jq_t, hand_t = alternating_medians(calls, args.iters)
+        rows.append((label, jq_t, hand_t, jq_c, hand_c, same_hlo))
+    float_exe, float_c = compile_timed(float_step, params, x, y)
+    (float_t,) = alternating_medians([partial(float_exe, params, x, y)], args.iters)
 
     print(f"MLP {'-'.join(map(str, SIZES))}, batch {args.batch}, {jax.devices()[0].device_kind}")
     header = f"{'':16} {'jquant ms':>10} {'hand ms':>9} {'ratio':>6} | {'jq compile s':>12} {'hand compile s':>14}"
