@@ -130,7 +130,8 @@ class QuantizedFunction:
     def _apply_impl(self, qstate: dict, *args, mode: str):
         plan, out_tree = self._trace(args)
         outs, new_states = interpret(plan, QuantizeHandler(mode), qstate, *jax.tree_util.tree_leaves(args))
-        return jax.tree_util.tree_unflatten(out_tree, outs), new_states
+        # eval leaves the qstate unchanged: do not make the compiled program copy it out.
+        return jax.tree_util.tree_unflatten(out_tree, outs), (None if mode == "eval" else new_states)
 
     def __repr__(self) -> str:
         lines = [f"QuantizedFunction({getattr(self.fn, '__name__', self.fn)!r}, {len(self.rules)} rule(s))"]
