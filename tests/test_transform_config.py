@@ -122,6 +122,11 @@ def test_weights_detected_by_data_flow_not_shape():
     qf.init(w, x)
     assert [s.roles for s in qf.sites] == [("input", "weight"), ("input", "input")]
     assert qf.sites[0].operand("weight").param_path == "arg0"
+    # Through a jit boundary (in and out) and a scan's xs, a slice of the weights is still a weight.
+    transposed = jax.jit(lambda w: w.T)
+    qf = quantize(lambda w, x: lax.scan(lambda c, row: (c, row[None] @ transposed(w)), 0.0, x)[1])
+    qf.init(w, x)
+    assert [s.roles for s in qf.sites] == [("input", "weight")] and qf.sites[0].operand("weight").out_axes == (1,)
 
 
 # -- errors --------------------------------------------------------------------------------------------------
