@@ -2,8 +2,9 @@
 
 Rows: float step; jquant fake-quant QAT (``qf.apply(..., mode="qat")``, int8 W8A8, STE); jquant QAT with the
 int8 fast path (``jquant.convert.qat.qat_apply``: int8 x int8 -> int32 forward, f32 straight-through
-backward); torch eager float and QAT (``prepare_qat``, x86 qconfig) steps for reference. Ratios are step
-time / float step time of the same framework, measured in the same run (median after warm-up).
+backward), and with ``int8_backward=True`` (the input-gradient dots in int8 too); torch eager float and QAT
+(``prepare_qat``, x86 qconfig) steps for reference. Ratios are step time / float step time of the same
+framework, measured in the same run (median after warm-up, round-robin).
 
 Run: ``.venv/bin/python benchmarks/qat_step.py [--batch 256] [--reps 30]``.
 """
@@ -88,10 +89,13 @@ def jax_steps(batch: int, reps: int) -> dict[str, float]:
 
     fake_step = make_qat_step(lambda qs, p, v: qf.apply(qs, p, v, mode="qat"))
     fast_step = make_qat_step(lambda qs, p, v: qat_apply(qf, qs, p, v))
+    fast8_step = make_qat_step(lambda qs, p, v: qat_apply(qf, qs, p, v, int8_backward=True))
     return median_ms({
         "JAX float step": lambda: jax.block_until_ready(float_step(params, opt_state, x)),
         "jquant QAT, fake-quant": lambda: jax.block_until_ready(fake_step(params, opt_state, qstate, x)),
         "jquant QAT, int8 fast path": lambda: jax.block_until_ready(fast_step(params, opt_state, qstate, x)),
+        "jquant QAT, int8 fast path + int8 dx": lambda: jax.block_until_ready(
+            fast8_step(params, opt_state, qstate, x)),
     }, reps)
 
 

@@ -50,6 +50,15 @@ def test_qat_int8_matmul_values_and_gradients_equal_fake_quant():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert float(jnp.mean(g_ref[0] == 0)) > 0.05  # clipped activations really get zero gradient
 
+    def fast8(x, w):
+        y = qat_int8_matmul(x, w, xs, xz, ws, jnp.int32(0), (-128, 127), (-128, 127), True)
+        return jnp.sum(jnp.sin(y))
+
+    g8 = jax.jit(jax.grad(fast8, argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(g8[1], g_ref[1], rtol=1e-4, atol=1e-5)  # dw stays float
+    rel = float(jnp.linalg.norm(g8[0] - g_ref[0]) / jnp.linalg.norm(g_ref[0]))
+    assert 0 < rel < 0.01  # dx through the int8 dot: small gradient rounding noise only
+
 
 @pytest.mark.parametrize("act_dtype", ["int8", "uint8"])
 def test_qat_apply_matches_transform_qat_mode(act_dtype):

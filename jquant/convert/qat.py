@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jquant.convert.dot import DotLayout
 from jquant.convert.matmul import int8_matmul
@@ -38,12 +39,15 @@ def _grid(x, scale, zero_point, qmin, qmax):
     return jnp.clip(q, qmin, qmax), (q >= qmin) & (q <= qmax)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def qat_int8_matmul(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range):
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def qat_int8_matmul(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range, int8_backward=False):
     """``fq(x) @ fq(w)`` for ``x (M, K)``, ``w (K, N)`` via an int8 dot; STE backward (see module docstring).
 
     ``x_scale``/``x_zero_point``: per-tensor scalars; ``w_scale`` ``(N,)`` or scalar, ``w_zero_point`` must be 0
     (symmetric weights); ``x_range``/``w_range``: ``(qmin, qmax)`` with ``qmax - qmin <= 255``.
+    ``int8_backward``: also run the input-gradient dot ``dx`` in int8 (AQT-style): the output gradient is
+    quantized dynamically to int8 per row (after folding in the weight scales). This adds gradient rounding
+    noise (relative ~1/254 of each row's largest value); ``dw`` stays float32.
     """
     return _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range)
 
@@ -59,21 +63,45 @@ def _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range):
     return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(x.dtype)
 
 
-def _fwd(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range):
+def _fwd(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range, int8_backward):
     y = _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range)
     return y, (x, w, x_scale, x_zero_point, w_scale, w_zero_point)
 
 
-def _bwd(x_range, w_range, residuals, dy):
+def _int8_rows(g: jnp.ndarray, axis: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Symmetric int8 quantization of ``g`` with one scale per slice along ``axis`` (reduced), as (q, scale)."""
+    amax = jnp.max(jnp.abs(g), axis=axis, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(g / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _int8_backward(dy, qx, x_zp, x_scale, qw, w_scale):
+    """``dx`` with an int8 dot (the output gradient quantized per row, weight scales folded in); ``dw`` in f32.
+
+    ``dw`` stays float: its int8 form needs transposed int8 operands, which XLA:CPU lays out column-major and
+    then runs on a slow generic loop instead of its int8 kernel.
+    """
+    qg, row_scale = _int8_rows(dy * w_scale, axis=1)
+    # (M, N) x (K, N) contracting N: an operand form XLA:CPU's int8 kernel takes without a transpose.
+    dx = lax.dot_general(qg, qw.astype(jnp.int8), (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    fx = (qx - x_zp.astype(jnp.float32)) * x_scale
+    return dx.astype(jnp.float32) * row_scale, fx.T @ dy
+
+
+def _bwd(x_range, w_range, int8_backward, residuals, dy):
     x, w, x_scale, x_zero_point, w_scale, w_zero_point = residuals
     x_zp = jnp.asarray(x_zero_point, jnp.int32)
     qx, mask_x = _grid(x.astype(jnp.float32), x_scale, x_zp, *x_range)
     qw, mask_w = _grid(w.astype(jnp.float32), w_scale, jnp.zeros((), jnp.int32), *w_range)
-    fx = (qx - x_zp.astype(jnp.float32)) * x_scale
-    fw = qw * w_scale
     dy = dy.astype(jnp.float32)
-    dx = jnp.where(mask_x, dy @ fw.T, 0.0).astype(x.dtype)
-    dw = jnp.where(mask_w, fx.T @ dy, 0.0).astype(w.dtype)
+    if int8_backward:
+        dx_full, dw_full = _int8_backward(dy, qx, x_zp, x_scale, qw, w_scale)
+    else:
+        fx = (qx - x_zp.astype(jnp.float32)) * x_scale
+        fw = qw * w_scale
+        dx_full, dw_full = dy @ fw.T, fx.T @ dy
+    dx = jnp.where(mask_x, dx_full, 0.0).astype(x.dtype)
+    dw = jnp.where(mask_w, dw_full, 0.0).astype(w.dtype)
     return dx, dw, jnp.zeros_like(x_scale), _zero_cotangent(x_zero_point), jnp.zeros_like(w_scale), \
         _zero_cotangent(w_zero_point)
 
@@ -113,8 +141,9 @@ def _eligible(site, eqn) -> tuple[Any, Any] | None:
 class FastQATHandler(QuantizeHandler):
     """``mode="qat"`` site handler that runs eligible ``dot_general`` sites with ``qat_int8_matmul``."""
 
-    def __init__(self):
+    def __init__(self, int8_backward: bool = False):
         super().__init__("qat")
+        self.int8_backward = int8_backward
 
     def __call__(self, site, eqn, invals, state, scope):
         ops = _eligible(site, eqn)
@@ -147,19 +176,22 @@ class FastQATHandler(QuantizeHandler):
         w_range = qrange(w_op.spec.dtype, w_op.spec.quant_min, w_op.spec.quant_max)
         y2 = qat_int8_matmul(layout.x_matrix(x), canonical_matrix(w, layout.w_contract, layout.w_free),
                              jnp.asarray(x_scale, jnp.float32).reshape(()), jnp.asarray(x_zp).reshape(()),
-                             w_scale_n, jnp.zeros((), jnp.int32), x_range, w_range)
+                             w_scale_n, jnp.zeros((), jnp.int32), x_range, w_range, self.int8_backward)
         return [layout.output(y2, x.shape, w.shape)], state
 
 
 _OUT_TREES: dict[int, Any] = {}
 
 
-def qat_apply(qf, qstate: dict, *args) -> tuple[Any, dict]:
-    """``qf.apply(qstate, *args, mode="qat")`` with the int8 forward on eligible sites (call it under ``jit``)."""
+def qat_apply(qf, qstate: dict, *args, int8_backward: bool = False) -> tuple[Any, dict]:
+    """``qf.apply(qstate, *args, mode="qat")`` with the int8 forward on eligible sites (call it under ``jit``).
+
+    ``int8_backward=True`` also runs the input-gradient dots in int8 (adds gradient rounding noise).
+    """
     plan = qf.plan(*args)
     validate_qstate(qstate, plan)
     key = id(plan)
     if key not in _OUT_TREES:
         _OUT_TREES[key] = (plan, jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args)))
-    outs, new_states = interpret(plan, FastQATHandler(), qstate, *jax.tree_util.tree_leaves(args))
+    outs, new_states = interpret(plan, FastQATHandler(int8_backward), qstate, *jax.tree_util.tree_leaves(args))
     return jax.tree_util.tree_unflatten(_OUT_TREES[key][1], outs), new_states
