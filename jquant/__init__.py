@@ -1,6 +1,6 @@
 """jquant: quantization for JAX with PyTorch-exact numerics."""
 
-from jquant import observers
+from jquant import convert, observers
 from jquant.numerics.affine import dequantize_affine, fake_quantize_affine, quantize_affine
 from jquant.numerics.fake_quant import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
 from jquant.numerics.lsq import (
@@ -35,6 +35,7 @@ from jquant.transform import (
 from jquant.transform.compare import compare
 
 __all__ = [
+    "convert",
     "DerivedQuantizationSpec",
     "FixedQParamsSpec",
     "QuantizationSpec",

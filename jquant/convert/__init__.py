@@ -1,5 +1,13 @@
 """Integer execution: weights quantized once ahead of time, int8 x int8 -> int32 dot / conv kernels,
-serialization and ``jax.export`` of the resulting integer functions."""
+serialization and ``jax.export`` of the resulting integer functions.
+
+``jquant.convert`` is also callable: ``int_fn, int_params = jquant.convert(qf, qstate, *args)`` is
+``jquant.convert.convert.convert`` (see that module). The kernels below do not depend on the transform; the
+converter and the QAT fast path (``jquant.convert.qat``) use its interpreter hook and are imported lazily.
+"""
+
+import sys
+import types
 
 from jquant.convert.activation import quantize_activation
 from jquant.convert.conv import dynamic_int8_conv, int8_conv
@@ -18,9 +26,30 @@ __all__ = [
     "int8_matmul",
     "load_exported",
     "load_int_params",
+    "qat_apply",
     "quantize_activation",
     "quantize_weight",
     "save_int_params",
     "tree_nbytes",
     "weight_only_dot_general",
 ]
+
+
+def __getattr__(name):
+    if name == "qat_apply":
+        from jquant.convert.qat import qat_apply
+
+        return qat_apply
+    raise AttributeError(f"module 'jquant.convert' has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``jquant.convert(qf, qstate, *args)`` call the converter while ``jquant.convert.*`` stays a package."""
+
+    def __call__(self, qf, qstate, *args, **kwargs):
+        from jquant.convert.convert import convert
+
+        return convert(qf, qstate, *args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
