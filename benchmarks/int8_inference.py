@@ -23,7 +23,6 @@ import numpy as np
 from jax import lax
 
 import jquant
-from jquant.convert.convert import convert
 from jquant.transform import presets
 
 
@@ -170,10 +169,10 @@ def run(reps_big: int, reps_small: int, batches, models) -> list[tuple]:
                 "JAX bf16": lambda f=bf16, p=params_bf16, x=x: f(p, x).block_until_ready(),
             }
             for label, (qf, qstate) in converted.items():
-                int_fn, int_params = convert(qf, qstate, params, x)
+                int_fn, int_params = jquant.convert(qf, qstate, params, x)
                 fns[f"jquant int8 {label}"] = lambda f=int_fn, p=int_params, x=x: f(p, x).block_until_ready()
                 if batch == 1 and label == "static":
-                    nopad_fn, nopad_params = convert(qf, qstate, params, x, pad_batch_one=False)
+                    nopad_fn, nopad_params = jquant.convert(qf, qstate, params, x, pad_batch_one=False)
                     fns["jquant int8 static, no batch-1 padding"] = (
                         lambda f=nopad_fn, p=nopad_params, x=x: f(p, x).block_until_ready())
                 if label == "static":

@@ -8,7 +8,6 @@ import pytest
 
 import jquant
 from jquant.convert import QuantizedWeight, export_int_fn, load_exported, load_int_params, save_int_params
-from jquant.convert.convert import convert
 from jquant.transform import presets
 
 RNG = np.random.default_rng(0)
@@ -48,7 +47,7 @@ def test_mlp_matches_eval_and_drops_float_weights(name):
     params, x = _mlp_params(), jnp.asarray(RNG.standard_normal((6, 64)), jnp.float32)
     qf, qstate = _calibrated(mlp, config, params, x)
     expected, _ = qf.apply(qstate, params, x, mode="eval")
-    int_fn, int_params = convert(qf, qstate, params, x, weight_only_impl="dequantize")
+    int_fn, int_params = jquant.convert(qf, qstate, params, x, weight_only_impl="dequantize")
     got = int_fn(int_params, x)
     np.testing.assert_allclose(got, expected, atol=tol * 10, rtol=tol)
     assert int_params["params"]["l0"]["w"] is None and int_params["params"]["l1"]["w"] is None
@@ -64,7 +63,7 @@ def test_static_int_output_within_one_output_step_of_eval():
     params, x = _mlp_params((64, 256, 32)), jnp.asarray(RNG.standard_normal((16, 64)), jnp.float32)
     qf, qstate = _calibrated(mlp, presets.int8_static(activation_dtype="uint8"), params, x)
     expected, _ = qf.apply(qstate, params, x, mode="eval")
-    int_fn, int_params = convert(qf, qstate, params, x)
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
     got = int_fn(int_params, x)
     step = float((expected.max() - jnp.minimum(expected.min(), 0)) / 255)
     assert float(jnp.max(jnp.abs(got - expected))) <= step
@@ -74,7 +73,7 @@ def test_dynamic_weight_only_cpu_path_is_close():
     params, x = _mlp_params(), jnp.asarray(RNG.standard_normal((1, 64)), jnp.float32)
     qf, qstate = _calibrated(mlp, presets.int8_weight_only(), params, x)
     expected, _ = qf.apply(qstate, params, x, mode="eval")
-    int_fn, int_params = convert(qf, qstate, params, x, weight_only_impl="dynamic")
+    int_fn, int_params = jquant.convert(qf, qstate, params, x, weight_only_impl="dynamic")
     np.testing.assert_allclose(int_fn(int_params, x), expected, atol=0.05 * float(jnp.max(jnp.abs(expected))))
 
 
@@ -95,7 +94,7 @@ def test_linen_cnn_matches_eval(config):
     variables = model.init(jax.random.key(0), x)
     qf, qstate = _calibrated(model.apply, config, variables, x)
     expected, _ = qf.apply(qstate, variables, x, mode="eval")
-    int_fn, int_params = convert(qf, qstate, variables, x)
+    int_fn, int_params = jquant.convert(qf, qstate, variables, x)
     got = int_fn(int_params, x)
     np.testing.assert_allclose(got, expected, atol=1e-4 * float(jnp.max(jnp.abs(expected))) + 1e-5)
     kernels = jax.tree.leaves(int_params["params"])
@@ -120,7 +119,7 @@ def test_scan_stacked_layers_convert_per_layer():
     variables = model.init(jax.random.key(1), x)
     qf, qstate = _calibrated(model.apply, None, variables, x)
     expected, _ = qf.apply(qstate, variables, x, mode="eval")
-    int_fn, int_params = convert(qf, qstate, variables, x)
+    int_fn, int_params = jquant.convert(qf, qstate, variables, x)
     np.testing.assert_allclose(int_fn(int_params, x), expected, atol=1e-4)
     (qw,) = [v for v in jax.tree.leaves(int_params["sites"], is_leaf=lambda v: isinstance(v, QuantizedWeight))
              if isinstance(v, QuantizedWeight)]
@@ -137,7 +136,7 @@ def test_tied_weight_used_elsewhere_is_kept_in_float():
     ids = jnp.arange(6)
     qf, qstate = _calibrated(tied, None, params, ids)
     expected, _ = qf.apply(qstate, params, ids, mode="eval")
-    int_fn, int_params = convert(qf, qstate, params, ids)
+    int_fn, int_params = jquant.convert(qf, qstate, params, ids)
     assert int_params["params"]["emb"] is not None
     np.testing.assert_allclose(int_fn(int_params, ids), expected, atol=1e-4)
 
@@ -145,7 +144,7 @@ def test_tied_weight_used_elsewhere_is_kept_in_float():
 def test_converted_params_round_trip_and_export(tmp_path):
     params, x = _mlp_params(), jnp.asarray(RNG.standard_normal((2, 64)), jnp.float32)
     qf, qstate = _calibrated(mlp, None, params, x)
-    int_fn, int_params = convert(qf, qstate, params, x)
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
     save_int_params(tmp_path / "p.safetensors", int_params)
     loaded = load_int_params(tmp_path / "p.safetensors")
     np.testing.assert_array_equal(int_fn(loaded, x), int_fn(int_params, x))
@@ -158,4 +157,4 @@ def test_convert_rejects_foreign_qstate():
     params, x = _mlp_params(), jnp.ones((2, 64))
     qf, qstate = _calibrated(mlp, None, params, x)
     with pytest.raises(ValueError, match="missing sites"):
-        convert(qf, {"other": {}}, params, x)
+        jquant.convert(qf, {"other": {}}, params, x)
