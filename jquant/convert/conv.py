@@ -110,8 +110,7 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     elif impl == "im2col":
         if feature_group_count != 1:
             raise ValueError("impl: 'im2col' needs feature_group_count == 1; use impl='conv' for grouped convs")
-        # Materialize the int8 input once: otherwise XLA fuses the quantize into every window slice.
-        patches = _patches(lax.optimization_barrier(xp), window, strides, rhs_dilation)
+        patches = _patches(xp, window, strides, rhs_dilation)
         acc = int8_matmul(patches.reshape(-1, patches.shape[-1]), k_sf.reshape(-1, k_sf.shape[-1]),
                           pad_batch_one=pad_batch_one).reshape(*patches.shape[:-1], -1)
     elif impl == "conv":
