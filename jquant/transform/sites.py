@@ -144,7 +144,10 @@ class Namer:
 
 
 def site_base_name(name_stack: str, weight_path: str | None, primitive: str) -> str:
-    if name_stack:
+    # A linen name stack holds unique instance names (CNN/Conv_0). equinox scopes are class paths
+    # (eqx.nn.MLP/eqx.nn.Linear) shared by every instance, so there the parameter path names the site better.
+    class_scoped = any("." in part for part in name_stack.split("/"))
+    if name_stack and not (class_scoped and weight_path):
         return f"{name_stack}/{primitive}"
     if weight_path:
         return f"{weight_path}/{primitive}"
