@@ -86,8 +86,7 @@ def test_static_dot_zero_point_correction_is_exact_integer_math():
     np.testing.assert_array_equal(np.asarray(got, np.int64), ref)
 
 
-@pytest.mark.parametrize("rows", [1, 7])
-@pytest.mark.parametrize("act_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("rows,act_dtype", [(1, "uint8"), (7, "int8")])
 def test_static_dot_matches_fake_quant_within_one_output_step(rows, act_dtype):
     x, w, b = _normal(rows, 64), _normal(64, 48), _normal(48)
     x_scale, x_zp = choose_qparams(x.min(), x.max(), dtype=act_dtype)
@@ -140,7 +139,7 @@ def test_dynamic_dot_matches_per_token_fake_quant():
     np.testing.assert_allclose(got_t, ref_t, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,group", [("int8", None), ("int4", 16), ("int8", 32)])
+@pytest.mark.parametrize("dtype,group", [("int8", None), ("int4", 16)])
 def test_weight_only_dot(dtype, group):
     x, w, b = _normal(3, 64), _normal(64, 24), _normal(24)
     qw = quantize_weight(w, dtype=dtype, axis=-1, group_size=group, group_axis=0 if group else None)

@@ -38,6 +38,7 @@ CONFIGS = {
     "dynamic": (presets.int8_dynamic(), 1e-5),
     "weight_only_int8": (presets.int8_weight_only(), 1e-5),
     "weight_only_int4": (presets.int4_weight_only(16), 1e-5),
+    "qat_lsq": (presets.qat_int8(lsq=True), 1e-5),  # learnt qparams: float zero point rounded half to even
 }
 
 
