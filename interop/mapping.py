@@ -173,13 +173,19 @@ def _match(
 ) -> tuple[dict[str, tuple[int, str | None]], list[str], list[str], list[str]]:
     """Pair torch names with Flax leaves. Returns {torch name: (flax index, forced layout)}, the
     unmatched torch names, the unmatched Flax paths, and the ignored torch names."""
-    flax_by_key: dict[tuple[str, ...], int] = {}
+    # Leaves are found by their literal name first (``conv/kernel``), then by the torch alias (``conv.weight``).
+    # One module may hold two leaves with the same alias (ConvBN: ``kernel`` and ``scale`` are both torch
+    # ``weight``): the alias is then ambiguous and only a rule naming the Flax leaf reaches them.
+    flax_by_literal: dict[tuple[str, ...], int] = {}
+    flax_by_key: dict[tuple[str, ...], list[int]] = {}
     for i, (path, parts, _) in enumerate(flax_leaves):
-        key = canonical_key(strip_collection(parts)[1])
-        if key in flax_by_key:
-            other = flax_leaves[flax_by_key[key]][0]
-            raise MappingError(f"template: Flax paths {other} and {path} normalise to the same name {key}")
-        flax_by_key[key] = i
+        module_parts = strip_collection(parts)[1]
+        literal = _literal_key(module_parts)
+        if literal in flax_by_literal:
+            other = flax_leaves[flax_by_literal[literal]][0]
+            raise MappingError(f"template: Flax paths {other} and {path} normalise to the same name {literal}")
+        flax_by_literal[literal] = i
+        flax_by_key.setdefault(canonical_key(module_parts), []).append(i)
     pairs: dict[str, tuple[int, str | None]] = {}
     claimed: dict[int, str] = {}
     unmatched, ignored = [], []
@@ -191,10 +197,19 @@ def _match(
         if target is None:
             ignored.append(name)
             continue
-        index = flax_by_key.get(canonical_key(split_name(target)))
+        index = flax_by_literal.get(_literal_key(split_name(target)))
         if index is None:
-            unmatched.append(name)
-            continue
+            candidates = flax_by_key.get(canonical_key(split_name(target)), [])
+            if len(candidates) > 1:
+                paths = [flax_leaves[c][0] for c in candidates]
+                raise MappingError(
+                    f"torch key {name!r} matches Flax paths {paths} (same torch name); add a rule renaming it to "
+                    "the Flax leaf, e.g. Rule(r'^conv\\.weight$', 'conv/kernel')"
+                )
+            if not candidates:
+                unmatched.append(name)
+                continue
+            index = candidates[0]
         if index in claimed:
             raise MappingError(
                 f"torch keys {claimed[index]!r} and {name!r} both map to Flax path {flax_leaves[index][0]}"
@@ -203,6 +218,11 @@ def _match(
         pairs[name] = (index, layout)
     unmatched_flax = [path for i, (path, _, _) in enumerate(flax_leaves) if i not in claimed]
     return pairs, unmatched, unmatched_flax, ignored
+
+
+def _literal_key(parts: Sequence[str]) -> tuple[str, ...]:
+    """Canonical key without the leaf alias: ``layers_0/kernel`` -> ``('layers', '0', 'kernel')``."""
+    return (*canonical_key([*parts[:-1], "_"])[:-1], str(parts[-1]))
 
 
 def _flatten_template(tree: Any) -> tuple[list[tuple[str, list[str], Any]], Any]:
