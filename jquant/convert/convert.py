@@ -343,7 +343,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     converted_paths = {sites[n].operands[p.weight_index].param_path for n, p in plans.items()}
     w_leaves, w_treedef = jax.tree_util.tree_flatten_with_path(weights)
     kept = [None if path_to_name(path) in converted_paths else leaf for path, leaf in w_leaves]
-    out_tree = jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args))
+    out_tree = plan.out_tree or jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args))
     handler = IntHandler(plans, weight_only_impl=weight_only_impl, conv_impl=conv_impl, pad_batch_one=pad_batch_one)
     placeholders = [jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)) for _, leaf in w_leaves]
 

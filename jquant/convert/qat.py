@@ -180,9 +180,6 @@ class FastQATHandler(QuantizeHandler):
         return [layout.output(y2, x.shape, w.shape)], state
 
 
-_OUT_TREES: dict[int, Any] = {}
-
-
 def qat_apply(qf, qstate: dict, *args, int8_backward: bool = False) -> tuple[Any, dict]:
     """``qf.apply(qstate, *args, mode="qat")`` with the int8 forward on eligible sites (call it under ``jit``).
 
@@ -190,8 +187,6 @@ def qat_apply(qf, qstate: dict, *args, int8_backward: bool = False) -> tuple[Any
     """
     plan = qf.plan(*args)
     validate_qstate(qstate, plan)
-    key = id(plan)
-    if key not in _OUT_TREES:
-        _OUT_TREES[key] = (plan, jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args)))
+    out_tree = plan.out_tree or jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args))
     outs, new_states = interpret(plan, FastQATHandler(int8_backward), qstate, *jax.tree_util.tree_leaves(args))
-    return jax.tree_util.tree_unflatten(_OUT_TREES[key][1], outs), new_states
+    return jax.tree_util.tree_unflatten(out_tree, outs), new_states
