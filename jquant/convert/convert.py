@@ -12,6 +12,11 @@ integer kernels:
 - dynamic activation spec (per tensor): ``dynamic_int8_dot_general`` / ``dynamic_int8_conv``;
 - no activation spec (weight-only int8 / int4): ``weight_only_dot_general`` (conv: dequantize + float conv).
 
+A bias added after a site stays a separate float ``add`` (XLA fuses it into the rescale); the int32
+bias of ``int8_dot_general(bias=...)`` is for hand-written integer models. Activations between sites stay
+float32 and are re-quantized by the next site's kernel, which XLA fuses with the previous rescale, bias and
+activation function into one elementwise pass.
+
 Sites the kernels do not cover (other primitives, per-channel or float8 activation specs, output specs,
 grouped convs with per-group weights, ...) run as in ``mode="eval"`` (fake-quant); if their weight is an
 int8/int4 site weight it is still stored as integers and dequantized on the fly. Numerics equal the
