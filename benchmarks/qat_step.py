@@ -1,7 +1,7 @@
 """QAT train step vs the float train step of the same model (jit, optax adam), MLP 784-1024-1024-10.
 
 Rows: float step; jquant fake-quant QAT (``qf.apply(..., mode="qat")``, int8 W8A8, STE); jquant QAT with the
-int8 fast path (``jquant.convert.qat.qat_apply``: int8 x int8 -> int32 forward, f32 straight-through
+int8 fast path (``jquant.transform.fast_qat.qat_apply``: int8 x int8 -> int32 forward, f32 straight-through
 backward), and with ``int8_backward=True`` (the input-gradient dots in int8 too); torch eager float and QAT
 (``prepare_qat``, x86 qconfig) steps for reference. Ratios are step time / float step time of the same
 framework, measured in the same run (median after warm-up, round-robin).
@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 import jquant
-from jquant.convert.qat import qat_apply
 from jquant.transform import presets
+from jquant.transform.fast_qat import qat_apply
 
 
 def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:

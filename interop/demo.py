@@ -146,7 +146,7 @@ def run() -> dict:
     fake_logits, _ = qf.apply(state.qstate, qat_vars, x_test, mode="eval")
     fake_acc = accuracy(fake_logits, y_test)
 
-    from jquant.convert.convert import convert
+    from jquant.transform.convert import convert
 
     int_fn, int_params = convert(qf, state.qstate, qat_vars, x_test)
     int_logits = int_fn(int_params, x_test)

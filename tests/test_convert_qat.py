@@ -7,9 +7,9 @@ import optax
 import pytest
 
 import jquant
-from jquant.convert.qat import qat_apply, qat_int8_matmul
 from jquant.numerics.affine import fake_quantize_affine
 from jquant.transform import presets
+from jquant.transform.fast_qat import qat_apply, qat_int8_matmul
 
 RNG = np.random.default_rng(0)
 
@@ -82,6 +82,13 @@ def test_qat_apply_matches_transform_qat_mode(act_dtype):
         np.testing.assert_array_equal(a, b)  # observers updated exactly as in qat mode
     lowered = jax.jit(lambda p: qat_apply(qf, qstate, p, x)[0]).lower(params).as_text()
     assert "xi8>" in lowered and "xi32>" in lowered  # the forward really runs int8 x int8 -> int32
+    # the same fast path through the transform's own API
+    via_apply, qs_apply = qf.apply(qstate, params, x, mode="qat", int8_forward=True)
+    np.testing.assert_array_equal(via_apply, qat_apply(qf, qstate, params, x)[0])
+    for a, b in zip(jax.tree.leaves(qs_apply), jax.tree.leaves(qs_ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="int8_forward: only applies to mode='qat'"):
+        qf.apply(qstate, params, x, mode="eval", int8_forward=True)
 
 
 def test_ineligible_sites_fall_back_to_fake_quant():

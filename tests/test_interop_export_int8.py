@@ -11,9 +11,9 @@ import pytest
 
 import interop
 import jquant
-from jquant.convert.convert import convert
 from jquant.examples.digits import accuracy, batches, cross_entropy, load_digits_split
 from jquant.flax import QATSchedule, QATTrainState
+from jquant.transform.convert import convert
 
 torch = pytest.importorskip("torch")
 from torch.ao import quantization as tq  # noqa: E402

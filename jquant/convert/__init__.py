@@ -1,9 +1,10 @@
 """Integer execution: weights quantized once ahead of time, int8 x int8 -> int32 dot / conv kernels,
 serialization and ``jax.export`` of the resulting integer functions.
 
-``jquant.convert`` is also callable: ``int_fn, int_params = jquant.convert(qf, qstate, *args)`` is
-``jquant.convert.convert.convert`` (see that module). The kernels below do not depend on the transform; the
-converter and the QAT fast path (``jquant.convert.qat``) use its interpreter hook and are imported lazily.
+``jquant.convert`` is also callable: ``int_fn, int_params = jquant.convert(qf, qstate, *args)`` forwards to
+``jquant.transform.convert.convert``. This layer (the kernels) does not depend on the transform; the
+converter and the QAT fast path (``jquant.transform.fast_qat``) sit in the transform layer, which drives
+these kernels through its interpreter hook; the forwards below are lazy so imports still point downwards.
 """
 
 import sys
@@ -37,7 +38,7 @@ __all__ = [
 
 def __getattr__(name):
     if name == "qat_apply":
-        from jquant.convert.qat import qat_apply
+        from jquant.transform.fast_qat import qat_apply
 
         return qat_apply
     raise AttributeError(f"module 'jquant.convert' has no attribute {name!r}")
@@ -47,7 +48,7 @@ class _CallableModule(types.ModuleType):
     """Lets ``jquant.convert(qf, qstate, *args)`` call the converter while ``jquant.convert.*`` stays a package."""
 
     def __call__(self, qf, qstate, *args, **kwargs):
-        from jquant.convert.convert import convert
+        from jquant.transform.convert import convert
 
         return convert(qf, qstate, *args, **kwargs)
 

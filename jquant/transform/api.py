@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from jax._src import source_info_util
 
+from jquant.transform.fast_qat import FastQATHandler
 from jquant.transform.handler import QuantizeHandler, check_mode
 from jquant.transform.interpreter import interpret
 from jquant.transform.plan import Plan, build_plan
@@ -51,6 +52,7 @@ class QuantizedFunction:
         self._plans: dict[Any, tuple[Plan, Any]] = {}
         self._last: Plan | None = None
         self._apply = {mode: jax.jit(partial(self._apply_impl, mode=mode)) for mode in ("calibrate", "qat", "eval")}
+        self._apply["qat_int8"] = jax.jit(partial(self._apply_impl, mode="qat", int8_forward=True))
 
     # -- tracing -------------------------------------------------------------------------------------------
     def _weight_paths(self, args: tuple) -> list[str | None]:
@@ -119,17 +121,25 @@ class QuantizedFunction:
         plan = self._trace(args)[0]
         return jax.jit(partial(init_qstate, plan))()  # one compile instead of many eager ops
 
-    def apply(self, qstate: dict, *args, mode: str = "eval") -> tuple[Any, dict]:
-        """Run the quantized function; returns ``(output, new_qstate)``. ``mode``: calibrate | qat | eval."""
+    def apply(self, qstate: dict, *args, mode: str = "eval", int8_forward: bool = False) -> tuple[Any, dict]:
+        """Run the quantized function; returns ``(output, new_qstate)``. ``mode``: calibrate | qat | eval.
+
+        ``int8_forward=True`` (``mode="qat"`` only) runs eligible ``dot_general`` sites as int8 x int8 -> int32
+        dots with straight-through float gradients (``jquant.transform.fast_qat``): the same values as fake
+        quant up to float rounding (the integer sums are exact), the same observer updates.
+        """
         check_mode(mode)
+        if int8_forward and mode != "qat":
+            raise ValueError(f"int8_forward: only applies to mode='qat', got mode={mode!r}")
         plan, _ = self._trace(args)
         validate_qstate(qstate, plan)
-        out, new_qstate = self._apply[mode](qstate, *args)
+        out, new_qstate = self._apply["qat_int8" if int8_forward else mode](qstate, *args)
         return out, (qstate if mode == "eval" else new_qstate)
 
-    def _apply_impl(self, qstate: dict, *args, mode: str):
+    def _apply_impl(self, qstate: dict, *args, mode: str, int8_forward: bool = False):
         plan, out_tree = self._trace(args)
-        outs, new_states = interpret(plan, QuantizeHandler(mode), qstate, *jax.tree_util.tree_leaves(args))
+        handler = FastQATHandler() if int8_forward else QuantizeHandler(mode)
+        outs, new_states = interpret(plan, handler, qstate, *jax.tree_util.tree_leaves(args))
         # eval leaves the qstate unchanged: do not make the compiled program copy it out.
         return jax.tree_util.tree_unflatten(out_tree, outs), (None if mode == "eval" else new_states)
 
