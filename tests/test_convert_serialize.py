@@ -81,3 +81,8 @@ def test_export_contains_int8_ops_and_runs_in_fresh_process(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.asarray(jax.jit(int_mlp)(params, x)))
+
+
+def test_load_exported_refuses_foreign_bytes():
+    with pytest.raises(ValueError, match="blob: not a serialized jax.export function"):
+        load_exported(b"\x00\x01 not an exported function")

@@ -2,8 +2,8 @@
 
 The safetensors file is self-describing: tensors are stored under their pytree path and the tree skeleton
 (dicts, lists, tuples, None, ``QuantizedWeight`` layout fields) is kept as JSON in the file's metadata, so
-``load_int_params(path)`` needs no template. Exported functions take the params as a flat list of leaves (the
-tree structure is not stored), so no custom pytree serialization has to be registered.
+``load_int_params(path)`` needs no template. Exported functions take the params as a flat list of leaves, so
+jax's serialization needs no custom pytree registration.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from jquant.convert.weights import QuantizedWeight
 
 _FORMAT = "jquant.int_params.v1"
 _QW_ARRAYS = ("qvalue", "scale", "zero_point", "w_sums")
-_EXPORT_FORMAT = "jquant.exported.v1"
 
 
 def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
@@ -99,87 +98,38 @@ def load_int_params(path: str | Path) -> Any:
 def export_int_fn(int_fn: Callable, int_params: Any, *args: Any) -> bytes:
     """Serialize ``jit(int_fn)(int_params, *args)`` with ``jax.export``: StableHLO with the int8 ops.
 
-    The result is for ``load_exported``; shapes and dtypes of ``int_params`` and ``args`` (arrays) are fixed,
-    and the reloaded function returns its output leaves (one array, or a list for several outputs).
+    The bytes are jax's own serialization (``Exported.serialize``), for ``load_exported``; shapes and dtypes of
+    ``int_params`` and ``args`` (arrays) are fixed, and the reloaded function returns the output leaves (one
+    array, or a list for several outputs).
     """
     leaves, treedef = jax.tree.flatten(int_params)
-    out_tree = []
 
     def flat_fn(param_leaves, *inputs):
-        out_leaves, tree = jax.tree.flatten(int_fn(jax.tree.unflatten(treedef, param_leaves), *inputs))
-        out_tree.append(tree)
-        return out_leaves
+        out = jax.tree.leaves(int_fn(jax.tree.unflatten(treedef, param_leaves), *inputs))
+        return out[0] if len(out) == 1 else out
 
     exported = jax.export.export(jax.jit(flat_fn))(leaves, *args)
     if exported.ordered_effects or exported.unordered_effects or exported.nr_devices != 1:
         raise ValueError("int_fn: only single-device functions without side effects can be exported")
-    header = {
-        "format": _EXPORT_FORMAT,
-        "fun_name": exported.fun_name,
-        "num_leaves": len(leaves),
-        "num_args": len(args),
-        "in_avals": [_aval_json(a) for a in exported.in_avals],
-        "out_avals": [_aval_json(a) for a in exported.out_avals],
-        "single_output": out_tree[0].num_leaves == 1 and out_tree[0].num_nodes == 1,
-        "platforms": list(exported.platforms),
-        "calling_convention_version": exported.calling_convention_version,
-        "module_kept_var_idx": list(exported.module_kept_var_idx),
-        "uses_global_constants": exported.uses_global_constants,
-    }
-    encoded = json.dumps(header).encode()
-    return len(encoded).to_bytes(4, "little") + encoded + bytes(exported.mlir_module_serialized)
+    return bytes(exported.serialize())
 
 
 def load_exported(blob: bytes) -> Callable:
     """Inverse of ``export_int_fn``: a callable ``f(int_params, *args)`` running the stored StableHLO.
 
-    jax's own ``Exported.serialize`` needs the optional ``flatbuffers`` package; this format keeps the
-    serialized StableHLO module plus a JSON header and rebuilds the ``jax.export.Exported`` from them.
+    ``f.exported`` is the ``jax.export.Exported`` (e.g. for ``.mlir_module()``).
     """
-    size = int.from_bytes(blob[:4], "little")
-    header = json.loads(blob[4 : 4 + size])
-    if header.get("format") != _EXPORT_FORMAT:
-        raise ValueError("blob: not produced by jquant.convert.export_int_fn")
-    n_in, n_out = len(header["in_avals"]), len(header["out_avals"])
-    placeholder = object()
-    in_tree = jax.tree.structure((([placeholder] * header["num_leaves"], *[placeholder] * header["num_args"]), {}))
-    exported = jax.export.Exported(
-        fun_name=header["fun_name"],
-        in_tree=in_tree,
-        in_avals=tuple(_aval_from_json(a) for a in header["in_avals"]),
-        out_tree=jax.tree.structure([placeholder] * n_out),
-        out_avals=tuple(_aval_from_json(a) for a in header["out_avals"]),
-        _has_named_shardings=False,
-        _in_named_shardings=(None,) * n_in,
-        _out_named_shardings=(None,) * n_out,
-        in_shardings_hlo=(None,) * n_in,
-        out_shardings_hlo=(None,) * n_out,
-        nr_devices=1,
-        platforms=tuple(header["platforms"]),
-        ordered_effects=(),
-        unordered_effects=(),
-        disabled_safety_checks=(),
-        mlir_module_serialized=bytes(blob[4 + size :]),
-        calling_convention_version=header["calling_convention_version"],
-        module_kept_var_idx=tuple(header["module_kept_var_idx"]),
-        uses_global_constants=header["uses_global_constants"],
-        _get_vjp=None,
-    )
+    try:
+        exported = jax.export.deserialize(bytearray(blob))
+    except Exception as err:  # flatbuffers raises assorted errors on foreign or truncated bytes
+        raise ValueError(f"blob: not a serialized jax.export function ({type(err).__name__}: {err})") from err
+    num_leaves = len(exported.in_tree.children()[0].children()[0].children())
 
     def call(int_params, *args):
         leaves = jax.tree.leaves(int_params)
-        if len(leaves) != header["num_leaves"]:
-            raise ValueError(f"int_params: expected {header['num_leaves']} array leaves, got {len(leaves)}")
-        out = exported.call(leaves, *args)
-        return out[0] if header["single_output"] else out
+        if len(leaves) != num_leaves:
+            raise ValueError(f"int_params: expected {num_leaves} array leaves, got {len(leaves)}")
+        return exported.call(leaves, *args)
 
-    call.exported = exported  # the jax.export.Exported, e.g. for .mlir_module()
+    call.exported = exported
     return call
-
-
-def _aval_json(aval) -> dict:
-    return {"shape": list(aval.shape), "dtype": np.dtype(aval.dtype).name}
-
-
-def _aval_from_json(spec: dict):
-    return jax.core.ShapedArray(tuple(spec["shape"]), np.dtype(spec["dtype"]))
