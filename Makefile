@@ -24,6 +24,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/int8_inference.py
+	$(PY) benchmarks/qat_step.py
+	$(PY) benchmarks/peers.py
+	$(PY) benchmarks/transform_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
