@@ -12,6 +12,12 @@ run it a few times and keep the table of a quiet run.
 
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP threads spin-wait after every call and take the 2 cores from XLA's next call, which
+# distorts any JAX timing in the same process: let them sleep instead (set before torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import platform
 import subprocess

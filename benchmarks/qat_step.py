@@ -11,6 +11,12 @@ Run: ``.venv/bin/python benchmarks/qat_step.py [--batch 256] [--reps 30]``.
 
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP threads spin-wait after every call and take the 2 cores from XLA's next call, which
+# distorts any JAX timing in the same process: let them sleep instead (set before torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import time
 
