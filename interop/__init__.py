@@ -6,6 +6,7 @@ torch is optional: it is imported lazily by the functions that need it (``pip in
 * weights: :func:`torch_to_flax`, :func:`flax_to_torch`, :class:`Rule`, :class:`MappingReport`;
 * qparams: :func:`import_qparams`, :func:`export_qparams` (tables of :class:`QParamRecord`, or jquant
   qstates through the link table of :func:`link_sites` / :func:`print_links`);
+* the torch QAT qconfig matching jquant's int8 presets: :func:`torch_qat_qconfig`;
 * CLI: ``jquant-convert`` (:mod:`interop.cli`).
 """
 
@@ -25,6 +26,7 @@ from interop.qsites import (
     unlinked_records,
 )
 from interop.records import QuantizedTensor
+from interop.torch_qconfig import torch_qat_qconfig
 
 __all__ = [
     "CheckpointError",
@@ -51,6 +53,7 @@ __all__ = [
     "read_torch_qparams",
     "save_torch_checkpoint",
     "spec_from_record",
+    "torch_qat_qconfig",
     "torch_to_flax",
     "unlinked_records",
     "write_torch_qparams",

@@ -93,18 +93,7 @@ def torch_int8_predictions(qf, qstate, variables, x_calibrate, x_test) -> tuple[
 
     warnings.filterwarnings("ignore", category=UserWarning)
     model = TorchDigitsCNN()
-    model.qconfig = tq.QConfig(
-        activation=tq.FakeQuantize.with_args(
-            observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8
-        ),
-        weight=tq.FakeQuantize.with_args(
-            observer=tq.MovingAveragePerChannelMinMaxObserver,
-            quant_min=-128,
-            quant_max=127,
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-        ),
-    )
+    model.qconfig = interop.torch_qat_qconfig()  # QAT_CONFIG in torch's terms
     fuse = [["ConvBN_0", "relu0"], ["ConvBN_1", "relu1"], ["Dense_0", "relu2"]]
     model = tq.fuse_modules_qat(model.train(), fuse)
     tq.prepare_qat(model, inplace=True)

@@ -75,22 +75,7 @@ def test_exported_qat_model_runs_on_torch_int8_kernels_with_the_same_predictions
     assert accuracy(jq_logits, y_test) > 0.9
 
     torch_model = TorchMLP()
-    torch_model.qconfig = tq.QConfig(  # jquant's qat_int8(activation_dtype="uint8") in torch's terms
-        activation=tq.FakeQuantize.with_args(
-            observer=tq.MovingAverageMinMaxObserver,
-            quant_min=0,
-            quant_max=255,
-            dtype=torch.quint8,
-            qscheme=torch.per_tensor_affine,
-        ),
-        weight=tq.FakeQuantize.with_args(
-            observer=tq.MovingAveragePerChannelMinMaxObserver,
-            quant_min=-128,
-            quant_max=127,
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-        ),
-    )
+    torch_model.qconfig = interop.torch_qat_qconfig()  # jquant's qat_int8(activation_dtype='uint8') in torch
     torch_model = tq.fuse_modules_qat(torch_model.train(), [["fc1", "relu"]])
     tq.prepare_qat(torch_model, inplace=True)
 

@@ -35,22 +35,7 @@ D = 32  # transformer width
 
 def _qconfig():
     """quint8 0..255 per-tensor affine activations, qint8 per-channel symmetric weights, moving-average observers."""
-    return tq.QConfig(
-        activation=tq.FakeQuantize.with_args(
-            observer=tq.MovingAverageMinMaxObserver,
-            quant_min=0,
-            quant_max=255,
-            dtype=torch.quint8,
-            qscheme=torch.per_tensor_affine,
-        ),
-        weight=tq.FakeQuantize.with_args(
-            observer=tq.MovingAveragePerChannelMinMaxObserver,
-            quant_min=-128,
-            quant_max=127,
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-        ),
-    )
+    return interop.torch_qat_qconfig()
 
 
 def _train(model, x_train, y_train, steps):
