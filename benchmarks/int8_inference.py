@@ -12,48 +12,20 @@ run it a few times and keep the table of a quiet run.
 
 from __future__ import annotations
 
-import os
-
-# torch's OpenMP threads spin-wait after every call and take the 2 cores from XLA's next call, which
-# distorts any JAX timing in the same process: let them sleep instead (set before torch is imported).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import platform
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import dense_params, median_ms, mlp, mlp_params  # first: sets OMP_WAIT_POLICY
 from jax import lax
 
 import jquant
 from jquant.transform import presets
 
-
-def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time (ms) of each callable; measured round-robin so that load from other processes on a
-    shared machine hits every variant alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
-
-
 # -- models (plain JAX; weights in the Flax layouts) ----------------------------------------------------------
-
-
-def mlp(params, x):
-    h = jax.nn.relu(x @ params["fc1"]["w"] + params["fc1"]["b"])
-    h = jax.nn.relu(h @ params["fc2"]["w"] + params["fc2"]["b"])
-    return h @ params["fc3"]["w"] + params["fc3"]["b"]
 
 
 def _conv(x, w, b):
@@ -72,22 +44,23 @@ def cnn(params, x):
     return h @ params["fc2"]["w"] + params["fc2"]["b"]
 
 
-def _dense(rng, n_in, n_out):
-    return {"w": jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal(n_out) * 0.01, jnp.float32)}
-
-
 def _conv_params(rng, kh, kw, c_in, c_out):
-    return {"w": jnp.asarray(rng.standard_normal((kh, kw, c_in, c_out)) / np.sqrt(kh * kw * c_in), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal(c_out) * 0.01, jnp.float32)}
+    return {
+        "w": jnp.asarray(rng.standard_normal((kh, kw, c_in, c_out)) / np.sqrt(kh * kw * c_in), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(c_out) * 0.01, jnp.float32),
+    }
 
 
 def make_model(name: str, rng):
     if name == "mlp":
-        params = {"fc1": _dense(rng, 784, 1024), "fc2": _dense(rng, 1024, 1024), "fc3": _dense(rng, 1024, 10)}
+        params = mlp_params(rng)
         return mlp, params, (784,)
-    params = {"c1": _conv_params(rng, 3, 3, 1, 32), "c2": _conv_params(rng, 3, 3, 32, 64),
-              "fc1": _dense(rng, 7 * 7 * 64, 128), "fc2": _dense(rng, 128, 10)}
+    params = {
+        "c1": _conv_params(rng, 3, 3, 1, 32),
+        "c2": _conv_params(rng, 3, 3, 32, 64),
+        "fc1": dense_params(rng, 7 * 7 * 64, 128),
+        "fc2": dense_params(rng, 128, 10),
+    }
     return cnn, params, (28, 28, 1)
 
 
@@ -179,8 +152,9 @@ def run(reps_big: int, reps_small: int, batches, models) -> list[tuple]:
                 fns[f"jquant int8 {label}"] = lambda f=int_fn, p=int_params, x=x: f(p, x).block_until_ready()
                 if batch == 1 and label == "static":
                     nopad_fn, nopad_params = jquant.convert(qf, qstate, params, x, pad_batch_one=False)
-                    fns["jquant int8 static, no batch-1 padding"] = (
-                        lambda f=nopad_fn, p=nopad_params, x=x: f(p, x).block_until_ready())
+                    fns["jquant int8 static, no batch-1 padding"] = lambda f=nopad_fn, p=nopad_params, x=x: f(
+                        p, x
+                    ).block_until_ready()
                 if label == "static":
                     report = int_fn.report
 
@@ -193,15 +167,28 @@ def run(reps_big: int, reps_small: int, batches, models) -> list[tuple]:
 
             # Frameworks are timed separately: torch's OpenMP workers spin after each call and would slow JAX.
             results = median_ms(fns, reps)
-            results.update(median_ms({
-                "torch f32": in_inference_mode(t_float),
-                "torch int8 static (x86)": in_inference_mode(t_static),
-                "torch int8 dynamic": in_inference_mode(t_dynamic),
-            }, reps))
+            results.update(
+                median_ms(
+                    {
+                        "torch f32": in_inference_mode(t_float),
+                        "torch int8 static (x86)": in_inference_mode(t_static),
+                        "torch int8 dynamic": in_inference_mode(t_dynamic),
+                    },
+                    reps,
+                )
+            )
             for impl, ms in results.items():
                 rows.append((name, batch, impl, ms, results["JAX f32"] / ms))
-        rows.append((name, "-", f"weights: {report.float_bytes / 1e6:.2f} MB f32 -> "
-                     f"{report.int_bytes / 1e6:.2f} MB int8 ({report.ratio:.2f}x smaller)", float("nan"), float("nan")))
+        rows.append(
+            (
+                name,
+                "-",
+                f"weights: {report.float_bytes / 1e6:.2f} MB f32 -> "
+                f"{report.int_bytes / 1e6:.2f} MB int8 ({report.ratio:.2f}x smaller)",
+                float("nan"),
+                float("nan"),
+            )
+        )
     return rows
 
 

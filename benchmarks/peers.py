@@ -9,19 +9,13 @@ timed round-robin so machine load hits all variants alike. Peers that are not in
 
 from __future__ import annotations
 
-import os
-
-# torch's OpenMP threads spin-wait after every call and take the 2 cores from XLA's next call, which
-# distorts any JAX timing in the same process: let them sleep instead (set before torch is imported).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import median_ms  # first: sets OMP_WAIT_POLICY
 
 import jquant
 
@@ -32,19 +26,6 @@ class MLP(nn.Module):
         x = nn.relu(nn.Dense(1024)(x))
         x = nn.relu(nn.Dense(1024)(x))
         return nn.Dense(10)(x)
-
-
-def _time_round_robin(fns: dict, reps: int) -> dict:
-    for fn in fns.values():  # warm-up / compile
-        fn()
-        fn()
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: float(np.median(s)) * 1e3 for name, s in samples.items()}
 
 
 def jax_variants(batch: int) -> tuple[dict, str]:
@@ -123,7 +104,7 @@ def main() -> None:
             if not fns:
                 continue
             with __import__("torch").inference_mode() if baseline == "torch f32" else _null():
-                times = _time_round_robin(fns, args.reps)
+                times = median_ms(fns, args.reps)
             for name, ms in times.items():
                 print(f"| {batch} | {name} | {ms:.3f} | {times[baseline] / ms:.2f}x |")
     for note in sorted(notes):

@@ -11,57 +11,22 @@ Run: ``.venv/bin/python benchmarks/qat_step.py [--batch 256] [--reps 30]``.
 
 from __future__ import annotations
 
-import os
-
-# torch's OpenMP threads spin-wait after every call and take the 2 cores from XLA's next call, which
-# distorts any JAX timing in the same process: let them sleep instead (set before torch is imported).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_common import median_ms, mlp, mlp_params  # first: sets OMP_WAIT_POLICY
 
 import jquant
 from jquant.transform import presets
 from jquant.transform.fast_qat import qat_apply
 
 
-def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time (ms) of each callable; measured round-robin so that load from other processes on a
-    shared machine hits every variant alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
-
-
-def mlp(params, x):
-    h = jax.nn.relu(x @ params["fc1"]["w"] + params["fc1"]["b"])
-    h = jax.nn.relu(h @ params["fc2"]["w"] + params["fc2"]["b"])
-    return h @ params["fc3"]["w"] + params["fc3"]["b"]
-
-
-def init_params(rng):
-    def dense(n_in, n_out):
-        return {"w": jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), jnp.float32),
-                "b": jnp.zeros(n_out, jnp.float32)}
-
-    return {"fc1": dense(784, 1024), "fc2": dense(1024, 1024), "fc3": dense(1024, 10)}
-
-
 def jax_steps(batch: int, reps: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
-    params = init_params(rng)
+    params = mlp_params(rng)
     x = jnp.asarray(rng.standard_normal((batch, 784)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, batch))
     opt = optax.adam(1e-3)
@@ -96,13 +61,17 @@ def jax_steps(batch: int, reps: int) -> dict[str, float]:
     fake_step = make_qat_step(lambda qs, p, v: qf.apply(qs, p, v, mode="qat"))
     fast_step = make_qat_step(lambda qs, p, v: qat_apply(qf, qs, p, v))
     fast8_step = make_qat_step(lambda qs, p, v: qat_apply(qf, qs, p, v, int8_backward=True))
-    return median_ms({
-        "JAX float step": lambda: jax.block_until_ready(float_step(params, opt_state, x)),
-        "jquant QAT, fake-quant": lambda: jax.block_until_ready(fake_step(params, opt_state, qstate, x)),
-        "jquant QAT, int8 fast path": lambda: jax.block_until_ready(fast_step(params, opt_state, qstate, x)),
-        "jquant QAT, int8 fast path + int8 dx": lambda: jax.block_until_ready(
-            fast8_step(params, opt_state, qstate, x)),
-    }, reps)
+    return median_ms(
+        {
+            "JAX float step": lambda: jax.block_until_ready(float_step(params, opt_state, x)),
+            "jquant QAT, fake-quant": lambda: jax.block_until_ready(fake_step(params, opt_state, qstate, x)),
+            "jquant QAT, int8 fast path": lambda: jax.block_until_ready(fast_step(params, opt_state, qstate, x)),
+            "jquant QAT, int8 fast path + int8 dx": lambda: jax.block_until_ready(
+                fast8_step(params, opt_state, qstate, x)
+            ),
+        },
+        reps,
+    )
 
 
 def torch_steps(batch: int, reps: int) -> dict[str, float]:
@@ -139,10 +108,13 @@ def torch_steps(batch: int, reps: int) -> dict[str, float]:
 
     qat = Net().train()
     qat.qconfig = tq.get_default_qat_qconfig("x86")
-    return median_ms({
-        "torch float step": step_fn(Net().train()),
-        "torch eager QAT (prepare_qat, x86)": step_fn(tq.prepare_qat(qat)),
-    }, reps)
+    return median_ms(
+        {
+            "torch float step": step_fn(Net().train()),
+            "torch eager QAT (prepare_qat, x86)": step_fn(tq.prepare_qat(qat)),
+        },
+        reps,
+    )
 
 
 def main() -> None:

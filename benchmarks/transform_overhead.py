@@ -166,8 +166,10 @@ def main() -> None:
     header = f"{'':16} {'jquant ms':>10} {'hand ms':>9} {'ratio':>6} | {'jq compile s':>12} {'hand compile s':>14}"
     print(header + " | same HLO ops")
     for label, jq_t, hand_t, jq_c, hand_c, same in rows:
-        print(f"{label:16} {jq_t * 1e3:10.3f} {hand_t * 1e3:9.3f} {jq_t / hand_t:6.3f} | {jq_c:12.3f} "
-              f"{hand_c:14.3f} | {same}")
+        print(
+            f"{label:16} {jq_t * 1e3:10.3f} {hand_t * 1e3:9.3f} {jq_t / hand_t:6.3f} | {jq_c:12.3f} "
+            f"{hand_c:14.3f} | {same}"
+        )
     print(f"float train step: {float_t * 1e3:.3f} ms, compile {float_c:.3f} s (plain jax.jit)")
 
 
