@@ -101,9 +101,15 @@ CUSTOM_RANGES = [("quint8", 0, 15), ("qint8", -8, 7), ("qint8", -127, 127), ("qu
 @pytest.mark.parametrize(("dtype", "quant_min", "quant_max"), CUSTOM_RANGES)
 @pytest.mark.parametrize("qscheme", ["per_tensor_affine", "per_tensor_symmetric"])
 def test_custom_range_matches_torch(dtype, quant_min, quant_max, reduce_range, qscheme):
-    if dtype == "quint8" and qscheme == "per_tensor_symmetric" and reduce_range:
-        pytest.skip("torch rejects reduce_range for symmetric quint8")
     common = dict(quant_min=quant_min, quant_max=quant_max, reduce_range=reduce_range)
+    if dtype == "quint8" and qscheme == "per_tensor_symmetric" and reduce_range:
+        # torch refuses this combination; so must we (at construction or at the latest when computing qparams)
+        with pytest.raises(NotImplementedError):
+            tobs.MovingAverageMinMaxObserver(dtype=TORCH_DTYPES[dtype], qscheme=TORCH_QSCHEMES[qscheme], **common)
+        with pytest.raises(ValueError, match="reduce_range"):
+            obs = jobs.MovingAverageMinMaxObserver(dtype=dtype, qscheme=qscheme, **common)
+            obs.calculate_qparams(obs.update(obs.init(np.ones(3, np.float32)), np.ones(3, np.float32)))
+        return
     for name, batches in _sequences((5, 3)).items():
         ours = jobs.MovingAverageMinMaxObserver(dtype=dtype, qscheme=qscheme, **common)
         theirs = _torch_observer(
