@@ -101,3 +101,16 @@ def test_properties_error_bound_monotone_idempotent(x, scale, zp):
     # idempotent
     again = np.asarray(jquant.fake_quantize_affine(fq, scale, zp, dtype="int8"))
     assert np.array_equal(again, fq)
+
+
+def test_float8_fake_quant_gradient_is_straight_through_inside_the_range():
+    scale = np.float32(0.5)
+    x = np.array([-1000.0, -1.0, 0.3, 100.0, 1000.0], np.float32)  # e4m3fn max 448 -> range +-224
+    grad = jax.grad(lambda v: jquant.fake_quantize_affine(v, scale, None, dtype="float8_e4m3fn").sum())(x)
+    assert np.array_equal(np.asarray(grad), [0.0, 1.0, 1.0, 1.0, 0.0])
+    blockwise = jquant.fake_quantize_affine(
+        np.tile(x, (2, 1)), np.array([[0.5], [2.0]], np.float32), None, dtype="float8_e4m3fn", block_size=(1, 5)
+    )
+    assert np.array_equal(
+        np.asarray(blockwise[0]), np.asarray(jquant.fake_quantize_affine(x, 0.5, None, dtype="float8_e4m3fn"))
+    )

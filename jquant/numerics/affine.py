@@ -191,30 +191,27 @@ def dequantize_affine(
     )
 
 
-def _fake_quant_float8(x, scale, name, block):
+def _float8_values(x, scale, name):
+    """Round ``x / scale`` through the float8 dtype; also the in-range mask for the gradient."""
     fmax = float_qtype_max(name)
+    scaled = exact_divide(x.astype(jnp.float32), scale)
+    rounded = jnp.clip(scaled, -fmax, fmax).astype(storage_dtype(name)).astype(jnp.float32)
+    return (rounded * scale).astype(x.dtype), jnp.abs(scaled) <= fmax
 
-    @jax.custom_vjp
-    def fq(v, s):
-        return apply_blockwise(
-            lambda a, b: (
-                jnp.clip(exact_divide(a.astype(jnp.float32), b), -fmax, fmax)
-                .astype(storage_dtype(name))
-                .astype(jnp.float32)
-                * b
-            ).astype(a.dtype),
-            v,
-            block,
-            s,
-        )
 
-    def fwd(v, s):
-        mask = apply_blockwise(lambda a, b: jnp.abs(exact_divide(a.astype(jnp.float32), b)) <= fmax, v, block, s)
-        return fq(v, s), (mask, s)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fake_quant_float8(x, scale, name, block):
+    return apply_blockwise(lambda a, b: _float8_values(a, b, name)[0], x, block, scale)
 
-    def bwd(res, dy):
-        mask, s = res
-        return jnp.where(mask, dy, jnp.zeros_like(dy)), jnp.zeros_like(s)
 
-    fq.defvjp(fwd, bwd)
-    return fq(x, scale)
+def _fake_quant_float8_fwd(x, scale, name, block):
+    y, mask = apply_blockwise(lambda a, b: _float8_values(a, b, name), x, block, scale)
+    return y, (mask, scale)
+
+
+def _fake_quant_float8_bwd(name, block, residuals, dy):
+    mask, scale = residuals
+    return jnp.where(mask, dy, jnp.zeros_like(dy)), jnp.zeros_like(scale)
+
+
+_fake_quant_float8.defvjp(_fake_quant_float8_fwd, _fake_quant_float8_bwd)
