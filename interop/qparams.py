@@ -261,23 +261,7 @@ def _read_fx_reference(state, table, used) -> None:
         module = match.group("node")
         if match.group("n") != "0":
             module = f"{module}#{match.group('n')}"
-        _add(
-            table,
-            QParamRecord(
-                module=module,
-                role=role,
-                scale=np.asarray(state[key]),
-                zero_point=np.asarray(state[zp_key]),
-                axis=None,
-                dtype="uint8",
-                qscheme="per_tensor_affine",
-                quant_min=0,
-                quant_max=255,
-                source="fx_reference",
-                torch_keys=(key, zp_key),
-                inferred=("dtype",),
-            ),
-        )
+        _add(table, _activation_record(module, role, state, key, zp_key, "fx_reference"))
         used.update((key, zp_key))
 
 
@@ -315,25 +299,27 @@ def _read_converted(state, table, used) -> None:
         zp = state[key]
         if scale_key not in state or scale_key in used or not np.issubdtype(np.asarray(zp).dtype, np.integer):
             continue
-        module = prefix.rstrip(".")
-        _add(
-            table,
-            QParamRecord(
-                module=module,
-                role="output",
-                scale=np.asarray(state[scale_key]),
-                zero_point=np.asarray(zp),
-                axis=None,
-                dtype="uint8",
-                qscheme="per_tensor_affine",
-                quant_min=0,
-                quant_max=255,
-                source="eager_converted",
-                torch_keys=(scale_key, key),
-                inferred=("dtype",),
-            ),
-        )
+        _add(table, _activation_record(prefix.rstrip("."), "output", state, scale_key, key, "eager_converted"))
         used.update((scale_key, key))
+
+
+def _activation_record(module: str, role: str, state, scale_key: str, zp_key: str, source: str) -> QParamRecord:
+    """A per-tensor activation record from a scale / zero-point buffer pair. Those files do not store the dtype:
+    torch's activations are quint8 over 0..255, so that is assumed (and listed in ``inferred``)."""
+    return QParamRecord(
+        module=module,
+        role=role,
+        scale=np.asarray(state[scale_key]),
+        zero_point=np.asarray(state[zp_key]),
+        axis=None,
+        dtype="uint8",
+        qscheme="per_tensor_affine",
+        quant_min=0,
+        quant_max=255,
+        source=source,
+        torch_keys=(scale_key, zp_key),
+        inferred=("dtype",),
+    )
 
 
 def _torchao_dtype(meta: dict) -> str:
