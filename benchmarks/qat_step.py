@@ -1,7 +1,7 @@
 """QAT train step vs the float train step of the same model (jit, optax adam), MLP 784-1024-1024-10.
 
 Rows: float step; jquant fake-quant QAT (``qf.apply(..., mode="qat")``, int8 W8A8, STE); jquant QAT with the
-int8 fast path (``jquant.transform.fast_qat.qat_apply``: int8 x int8 -> int32 forward, f32 straight-through
+int8 fast path (``qf.apply(..., mode="qat", int8_forward=True)``: int8 x int8 -> int32 forward, f32 straight-through
 backward), and with ``int8_backward=True`` (the input-gradient dots in int8 too); torch eager float and QAT
 (``prepare_qat``, x86 qconfig) steps for reference. Ratios are step time / float step time of the same
 framework, measured in the same run (median after warm-up, round-robin).
@@ -21,7 +21,6 @@ from bench_common import median_ms, mlp, mlp_params  # first: sets OMP_WAIT_POLI
 
 import jquant
 from jquant.transform import presets
-from jquant.transform.fast_qat import qat_apply
 
 
 def jax_steps(batch: int, reps: int) -> dict[str, float]:
@@ -59,8 +58,8 @@ def jax_steps(batch: int, reps: int) -> dict[str, float]:
         return step
 
     fake_step = make_qat_step(lambda qs, p, v: qf.apply(qs, p, v, mode="qat"))
-    fast_step = make_qat_step(lambda qs, p, v: qat_apply(qf, qs, p, v))
-    fast8_step = make_qat_step(lambda qs, p, v: qat_apply(qf, qs, p, v, int8_backward=True))
+    fast_step = make_qat_step(lambda qs, p, v: qf.apply(qs, p, v, mode="qat", int8_forward=True))
+    fast8_step = make_qat_step(lambda qs, p, v: qf.apply(qs, p, v, mode="qat", int8_forward=True, int8_backward=True))
     return median_ms(
         {
             "JAX float step": lambda: jax.block_until_ready(float_step(params, opt_state, x)),

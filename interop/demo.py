@@ -43,7 +43,7 @@ def qat(model, variables, x_train, y_train, *, epochs: int = 3, batch_size: int 
         freeze_bn = state.step >= bn_freeze
 
         def loss_fn(variables):
-            (logits, updates), qstate = state.qat_apply(variables, xb, freeze_bn)
+            (logits, updates), qstate = state.scheduled_apply(variables, xb, freeze_bn)
             return cross_entropy(logits, yb), (updates, qstate)
 
         (_, (updates, qstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -135,7 +135,7 @@ def run() -> dict:
     fake_logits, _ = qf.apply(state.qstate, qat_vars, x_test, mode="eval")
     fake_acc = accuracy(fake_logits, y_test)
 
-    from jquant.transform.convert import convert
+    from jquant import convert
 
     int_fn, int_params = convert(qf, state.qstate, qat_vars, x_test)
     int_logits = int_fn(int_params, x_test)

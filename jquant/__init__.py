@@ -1,6 +1,6 @@
 """jquant: quantization for JAX with PyTorch-exact numerics."""
 
-from jquant import convert, observers
+from jquant import kernels, observers
 from jquant.numerics.affine import dequantize_affine, fake_quantize_affine, quantize_affine
 from jquant.numerics.fake_quant import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
 from jquant.numerics.lsq import (
@@ -33,9 +33,16 @@ from jquant.transform import (
     quantize,
 )
 from jquant.transform.compare import compare
+from jquant.transform.converter import convert
+from jquant.transform.serialize import export_int_fn, load_exported, load_int_params, save_int_params
 
 __all__ = [
     "convert",
+    "export_int_fn",
+    "kernels",
+    "load_exported",
+    "load_int_params",
+    "save_int_params",
     "DerivedQuantizationSpec",
     "FixedQParamsSpec",
     "QuantizationSpec",

@@ -40,7 +40,7 @@ def main():
     @jax.jit
     def step(state, xb, yb):
         def loss_fn(p):
-            logits, qstate = state.qat_apply(p, xb)
+            logits, qstate = state.scheduled_apply(p, xb)
             return cross_entropy(logits, yb), qstate
 
         (_, qstate), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -33,7 +33,7 @@ def _setup(digits, schedule):
 
 def _train_step(state, xb, yb):
     def loss_fn(params):
-        (logits, updates), qstate = state.qat_apply(params, xb)
+        (logits, updates), qstate = state.scheduled_apply(params, xb)
         return cross_entropy(logits, yb), (updates, qstate)
 
     (_, (updates, qstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -51,16 +51,16 @@ def test_schedule_phases_follow_the_step(digits):
     schedule = QATSchedule(fake_quant_start=2, observer_freeze=4)
     _, qf, state = _setup(digits, schedule)
     float_out, _ = qf.apply(state.qstate, state.params, x_train, mode="calibrate")
-    (out0, _), qstate0 = state.qat_apply(state.params, x_train)
+    (out0, _), qstate0 = state.scheduled_apply(state.params, x_train)
     assert np.array_equal(np.asarray(out0), np.asarray(float_out[0])), "before fake_quant_start: float forward"
     assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), qstate0, state.qstate)))
     for _ in range(4):
         state = train_step(state, x_train, y_train)
     assert int(state.step) == 4
-    (_, _), qstate_frozen = state.qat_apply(state.params, x_train)
+    (_, _), qstate_frozen = state.scheduled_apply(state.params, x_train)
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), qstate_frozen, state.qstate)
     assert all(jax.tree.leaves(same)), "after observer_freeze the qstate no longer changes"
-    (out_frozen, _), _ = state.qat_apply(state.params, x_train)
+    (out_frozen, _), _ = state.scheduled_apply(state.params, x_train)
     (out_eval, _), _ = qf.apply(state.qstate, state.params, x_train, mode="eval")
     assert np.array_equal(np.asarray(out_frozen), np.asarray(out_eval))
 

@@ -9,7 +9,7 @@ import pytest
 import jquant
 from jquant.numerics.affine import fake_quantize_affine
 from jquant.transform import presets
-from jquant.transform.fast_qat import qat_apply, qat_int8_matmul
+from jquant.transform.int8_qat import qat_int8_matmul
 
 RNG = np.random.default_rng(0)
 
@@ -72,7 +72,7 @@ def test_qat_apply_matches_transform_qat_mode(act_dtype):
         return jnp.sum(out**2), new_qstate
 
     ref = jax.jit(jax.value_and_grad(lambda p: loss(lambda q: qf.apply(qstate, q, x, mode="qat"), p), has_aux=True))
-    fast = jax.jit(jax.value_and_grad(lambda p: loss(lambda q: qat_apply(qf, qstate, q, x), p), has_aux=True))
+    fast = jax.jit(jax.value_and_grad(lambda p: loss(lambda q: qf.apply(qstate, q, x, mode="qat", int8_forward=True), p), has_aux=True))
     (l_ref, qs_ref), g_ref = ref(params)
     (l_fast, qs_fast), g_fast = fast(params)
     np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
@@ -80,11 +80,11 @@ def test_qat_apply_matches_transform_qat_mode(act_dtype):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(qs_fast), jax.tree.leaves(qs_ref), strict=True):
         np.testing.assert_array_equal(a, b)  # observers updated exactly as in qat mode
-    lowered = jax.jit(lambda p: qat_apply(qf, qstate, p, x)[0]).lower(params).as_text()
+    lowered = jax.jit(lambda p: qf.apply(qstate, p, x, mode="qat", int8_forward=True)[0]).lower(params).as_text()
     assert "xi8>" in lowered and "xi32>" in lowered  # the forward really runs int8 x int8 -> int32
     # the same fast path through the transform's own API
     via_apply, qs_apply = qf.apply(qstate, params, x, mode="qat", int8_forward=True)
-    np.testing.assert_array_equal(via_apply, qat_apply(qf, qstate, params, x)[0])
+    np.testing.assert_array_equal(via_apply, qf.apply(qstate, params, x, mode="qat", int8_forward=True)[0])
     for a, b in zip(jax.tree.leaves(qs_apply), jax.tree.leaves(qs_ref), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="int8_forward: only applies to mode='qat'"):
@@ -97,7 +97,7 @@ def test_ineligible_sites_fall_back_to_fake_quant():
     qstate = qf.init(params, x)
     _, qstate = qf.apply(qstate, params, x, mode="calibrate")
     expected, _ = qf.apply(qstate, params, x, mode="qat")
-    got, _ = jax.jit(lambda p: qat_apply(qf, qstate, p, x))(params)
+    got, _ = jax.jit(lambda p: qf.apply(qstate, p, x, mode="qat", int8_forward=True))(params)
     np.testing.assert_array_equal(got, expected)
 
 
@@ -133,7 +133,7 @@ def test_training_with_fast_path_matches_fake_quant_training():
         return float(jnp.mean(jnp.argmax(logits, -1) == y_test)), float(loss), p
 
     acc_fq, loss_fq, p_fq = train(lambda qs, p, xb: qf.apply(qs, p, xb, mode="qat"))
-    acc_fast, loss_fast, p_fast = train(lambda qs, p, xb: qat_apply(qf, qs, p, xb))
+    acc_fast, loss_fast, p_fast = train(lambda qs, p, xb: qf.apply(qs, p, xb, mode="qat", int8_forward=True))
     assert acc_fq > 0.85 and acc_fast > 0.85
     assert abs(acc_fast - acc_fq) < 0.03 and abs(loss_fast - loss_fq) < 0.05
     drift = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p_fast), jax.tree.leaves(p_fq),

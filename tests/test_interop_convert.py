@@ -15,7 +15,7 @@ from torch.ao import quantization as tq  # noqa: E402
 from interop import import_qparams, link_sites, spec_from_record, torch_to_flax  # noqa: E402
 from interop.checkpoint import state_dict_to_numpy  # noqa: E402
 from jquant.transform import QuantizationSpec, Rule, quantize  # noqa: E402
-from jquant.transform.convert import convert  # noqa: E402
+from jquant import convert  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

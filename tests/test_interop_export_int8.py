@@ -13,7 +13,7 @@ import interop
 import jquant
 from jquant.examples.digits import accuracy, batches, cross_entropy, load_digits_split
 from jquant.flax import QATSchedule, QATTrainState
-from jquant.transform.convert import convert
+from jquant import convert
 
 torch = pytest.importorskip("torch")
 from torch.ao import quantization as tq  # noqa: E402
@@ -54,7 +54,7 @@ def _qat_jquant(x_train, y_train):
     @jax.jit
     def step(state, xb, yb):
         def loss_fn(p):
-            out, qstate = state.qat_apply(p, xb)
+            out, qstate = state.scheduled_apply(p, xb)
             return cross_entropy(out, yb), qstate
 
         (_, qstate), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

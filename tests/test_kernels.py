@@ -7,7 +7,7 @@ import pytest
 import torch
 from jax import lax
 
-from jquant.convert import (
+from jquant.kernels import (
     dynamic_int8_conv,
     dynamic_int8_dot_general,
     int8_conv,

@@ -10,14 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant.convert import (
-    export_int_fn,
-    int8_dot_general,
-    load_exported,
-    load_int_params,
-    quantize_weight,
-    save_int_params,
-)
+from jquant import export_int_fn, load_exported, load_int_params, save_int_params
+from jquant.kernels import int8_dot_general, quantize_weight
 
 DENSE = (((1,), (0,)), ((), ()))
 
@@ -73,7 +67,7 @@ def test_export_contains_int8_ops_and_runs_in_fresh_process(tmp_path):
     np.save(tmp_path / "x.npy", np.asarray(x))
     script = textwrap.dedent(f"""
         import numpy as np
-        from jquant.convert import load_exported, load_int_params
+        from jquant import load_exported, load_int_params
         fn = load_exported(open({str(tmp_path / 'fn.bin')!r}, 'rb').read())
         params = load_int_params({str(tmp_path / 'params.safetensors')!r})
         np.save({str(tmp_path / 'y.npy')!r}, np.asarray(fn(params, np.load({str(tmp_path / 'x.npy')!r}))))

@@ -13,7 +13,7 @@ from jquant.flax.schedule import QATSchedule, scheduled_apply
 class QATTrainState(train_state.TrainState):
     """``TrainState`` + ``qstate`` (observer states and qparams) + the QAT schedule.
 
-    ``apply_fn`` is the quantized function's ``apply``-compatible callable: ``qat_apply(params, *args)`` runs
+    ``apply_fn`` is the quantized function's ``apply``-compatible callable: ``scheduled_apply(params, *args)`` runs
     ``qfn`` in the phase the schedule gives for ``self.step`` and returns ``(out, new_qstate)``. Thread the
     new qstate back with ``apply_gradients(grads=..., qstate=new_qstate)``.
     """
@@ -22,7 +22,7 @@ class QATTrainState(train_state.TrainState):
     qfn: Any = struct.field(pytree_node=False, default=None)
     schedule: QATSchedule = struct.field(pytree_node=False, default=QATSchedule())
 
-    def qat_apply(self, params: Any, *args: Any) -> tuple[Any, Any]:
+    def scheduled_apply(self, params: Any, *args: Any) -> tuple[Any, Any]:
         """Run the quantized model with ``params`` (the weights argument) at this state's step."""
         return scheduled_apply(self.qfn, self.qstate, self.step, params, *args, schedule=self.schedule)
 

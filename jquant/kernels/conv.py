@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jquant.convert.activation import dynamic_qparams, quantize_activation
-from jquant.convert.matmul import int8_matmul
-from jquant.convert.weights import QuantizedWeight
+from jquant.kernels.activation import dynamic_qparams, quantize_activation
+from jquant.kernels.matmul import int8_matmul
+from jquant.kernels.weights import QuantizedWeight
 from jquant.numerics.granularity import qparam_shape
 
 CONV_IMPLS = ("auto", "im2col", "conv", "float")

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jquant.convert.activation import dynamic_qparams, quantize_activation
-from jquant.convert.matmul import int8_grouped_matmul, zero_point_corrected
-from jquant.convert.weights import QuantizedWeight, canonical_groups, canonical_matrix
+from jquant.kernels.activation import dynamic_qparams, quantize_activation
+from jquant.kernels.matmul import int8_grouped_matmul, zero_point_corrected
+from jquant.kernels.weights import QuantizedWeight, canonical_groups, canonical_matrix
 from jquant.numerics.affine import reciprocal, round_to_grid
 from jquant.numerics.granularity import qparam_shape
 from jquant.numerics.qtypes import qrange, storage_dtype

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 from jax._src import source_info_util
 
-from jquant.transform.fast_qat import FastQATHandler
+from jquant.transform.int8_qat import Int8QATHandler
 from jquant.transform.handler import QuantizeHandler, check_mode
 from jquant.transform.interpreter import interpret
 from jquant.transform.plan import Plan, build_plan
@@ -52,7 +52,10 @@ class QuantizedFunction:
         self._plans: dict[Any, tuple[Plan, Any]] = {}
         self._last: Plan | None = None
         self._apply = {mode: jax.jit(partial(self._apply_impl, mode=mode)) for mode in ("calibrate", "qat", "eval")}
-        self._apply["qat_int8"] = jax.jit(partial(self._apply_impl, mode="qat", int8_forward=True))
+        for backward in (False, True):
+            self._apply[("qat_int8", backward)] = jax.jit(
+                partial(self._apply_impl, mode="qat", int8_forward=True, int8_backward=backward)
+            )
 
     # -- tracing -------------------------------------------------------------------------------------------
     def _weight_paths(self, args: tuple) -> list[str | None]:
@@ -121,24 +124,30 @@ class QuantizedFunction:
         plan = self._trace(args)[0]
         return jax.jit(partial(init_qstate, plan))()  # one compile instead of many eager ops
 
-    def apply(self, qstate: dict, *args, mode: str = "eval", int8_forward: bool = False) -> tuple[Any, dict]:
+    def apply(
+        self, qstate: dict, *args, mode: str = "eval", int8_forward: bool = False, int8_backward: bool = False
+    ) -> tuple[Any, dict]:
         """Run the quantized function; returns ``(output, new_qstate)``. ``mode``: calibrate | qat | eval.
 
         ``int8_forward=True`` (``mode="qat"`` only) runs eligible ``dot_general`` sites as int8 x int8 -> int32
-        dots with straight-through float gradients (``jquant.transform.fast_qat``): the same values as fake
+        dots with straight-through float gradients (``jquant.transform.int8_qat``): the same values as fake
         quant up to float rounding (the integer sums are exact), the same observer updates.
+        ``int8_backward=True`` (with ``int8_forward``) also runs the input-gradient dots in int8: the output
+        gradient is quantized per row (adds gradient rounding noise; weight gradients stay float32).
         """
         check_mode(mode)
         if int8_forward and mode != "qat":
             raise ValueError(f"int8_forward: only applies to mode='qat', got mode={mode!r}")
+        if int8_backward and not int8_forward:
+            raise ValueError("int8_backward: needs int8_forward=True (the int8 input-gradient dot belongs to it)")
         plan, _ = self._trace(args)
         validate_qstate(qstate, plan)
-        out, new_qstate = self._apply["qat_int8" if int8_forward else mode](qstate, *args)
+        out, new_qstate = self._apply[("qat_int8", int8_backward) if int8_forward else mode](qstate, *args)
         return out, (qstate if mode == "eval" else new_qstate)
 
-    def _apply_impl(self, qstate: dict, *args, mode: str, int8_forward: bool = False):
+    def _apply_impl(self, qstate: dict, *args, mode: str, int8_forward: bool = False, int8_backward: bool = False):
         plan, out_tree = self._trace(args)
-        handler = FastQATHandler() if int8_forward else QuantizeHandler(mode)
+        handler = Int8QATHandler(int8_backward) if int8_forward else QuantizeHandler(mode)
         outs, new_states = interpret(plan, handler, qstate, *jax.tree_util.tree_leaves(args))
         # eval leaves the qstate unchanged: do not make the compiled program copy it out.
         return jax.tree_util.tree_unflatten(out_tree, outs), (None if mode == "eval" else new_states)

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.convert.conv import dynamic_int8_conv, int8_conv
-from jquant.convert.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
-from jquant.convert.weights import QuantizedWeight, canonical_matrix, tree_nbytes, weight_block_size
+from jquant.kernels.conv import dynamic_int8_conv, int8_conv
+from jquant.kernels.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
+from jquant.kernels.weights import QuantizedWeight, canonical_matrix, tree_nbytes, weight_block_size
 from jquant.numerics.affine import quantize_affine, reciprocal
 from jquant.numerics.packing import pack_int4
 from jquant.numerics.qschemes import is_symmetric

@@ -5,7 +5,7 @@ are exact; one float rescale) and has the fake-quant STE gradients: ``dx = (dy @
 ``dw = (fq(x).T @ dy) * in_range(w)``, no gradient to the qparams (they come from observers). The backward
 recomputes ``fq`` and the masks from the saved float inputs (one fused elementwise pass each).
 
-``qat_apply(qf, qstate, *args)`` is ``qf.apply(qstate, *args, mode="qat")`` with every eligible
+``qf.apply(qstate, *args, mode="qat", int8_forward=True)`` runs every eligible
 ``dot_general`` site (int8 / uint8 static per-tensor activations, int8 symmetric per-tensor or single-axis
 per-channel weights, STE, no output spec) on the fast path; other sites run the transform's own QAT handler.
 Observers are updated exactly as in ``mode="qat"``.
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jquant.convert.dot import DotLayout
-from jquant.convert.matmul import int8_matmul
-from jquant.convert.weights import canonical_matrix
+from jquant.kernels.dot import DotLayout
+from jquant.kernels.matmul import int8_matmul
+from jquant.kernels.weights import canonical_matrix
 from jquant.numerics.affine import reciprocal, round_to_grid
 from jquant.numerics.qschemes import is_symmetric
 from jquant.numerics.qtypes import qrange
@@ -138,7 +138,7 @@ def _eligible(site, eqn) -> tuple[Any, Any] | None:
     return w_op, x_op
 
 
-class FastQATHandler(QuantizeHandler):
+class Int8QATHandler(QuantizeHandler):
     """``mode="qat"`` site handler that runs eligible ``dot_general`` sites with ``qat_int8_matmul``."""
 
     def __init__(self, int8_backward: bool = False):
@@ -179,14 +179,3 @@ class FastQATHandler(QuantizeHandler):
                              w_scale_n, jnp.zeros((), jnp.int32), x_range, w_range, self.int8_backward)
         return [layout.output(y2, x.shape, w.shape)], state
 
-
-def qat_apply(qf, qstate: dict, *args, int8_backward: bool = False) -> tuple[Any, dict]:
-    """``qf.apply(qstate, *args, mode="qat")`` with the int8 forward on eligible sites (call it under ``jit``).
-
-    ``int8_backward=True`` also runs the input-gradient dots in int8 (adds gradient rounding noise).
-    """
-    plan = qf.plan(*args)
-    validate_qstate(qstate, plan)
-    out_tree = plan.out_tree or jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args))
-    outs, new_states = interpret(plan, FastQATHandler(int8_backward), qstate, *jax.tree_util.tree_leaves(args))
-    return jax.tree_util.tree_unflatten(out_tree, outs), new_states

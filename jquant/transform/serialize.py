@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jquant.convert.weights import QuantizedWeight
+from jquant.kernels.weights import QuantizedWeight
 
 _FORMAT = "jquant.int_params.v1"
 _QW_ARRAYS = ("qvalue", "scale", "zero_point", "w_sums")
