@@ -233,6 +233,11 @@ def _reset_for_tests() -> None:
     _STATE = None
 
 
+def _require() -> None:
+    if not register():
+        raise RuntimeError(f"jquant: the native CPU kernels are not available ({_state().reason})")
+
+
 # ---- ffi_call wrappers ------------------------------------------------------------------------------------------
 OUT_KINDS = {"int32": (0, jnp.int32), "float32": (1, jnp.float32), "uint8": (2, jnp.uint8), "int8": (3, jnp.int8)}
 
@@ -261,6 +266,7 @@ def gemm_s8(
     ``clip(round(y * out_inv_scale) + out_zero_point, qmin, qmax)`` as uint8 / int8.
     ``row_scale`` has 1 or ``prod(a.shape[:-1])`` elements. Activations may carry vmap batch dims; the weight not.
     """
+    _require()
     kind, dtype = OUT_KINDS[out]
     f32 = jnp.float32
     row_scale = jnp.ones((1,), f32) if row_scale is None else jnp.asarray(row_scale, f32).reshape(-1)
@@ -281,6 +287,7 @@ def weight_only(x: jnp.ndarray, packed: jnp.ndarray, scale: jnp.ndarray, *, n: i
 
     ``group_size`` None means one group (per-channel scales). Activations are not quantized.
     """
+    _require()
     target = {8: "jquant_weight_only_s8", 4: "jquant_weight_only_s4"}[bits]
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32),
                             vmap_method="expand_dims")

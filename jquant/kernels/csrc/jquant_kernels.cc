@@ -112,7 +112,8 @@ inline APrep prep_a(uint32_t a4) {
           _mm256_set1_epi32(static_cast<int>((a4 >> 8) & 0x00FF00FFu))};
 }
 inline VI dot4(VI acc, const APrep& a, const WPrep& w) {
-  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a.even, w.even), _mm256_madd_epi16(a.odd, w.odd)));
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a.even, w.even));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a.odd, w.odd));
 }
 #else
 #error "define JQ_ISA_AVX512VNNI or JQ_ISA_AVX2"
@@ -128,7 +129,7 @@ using namespace isa;
 constexpr int GEMM_MR = 6, GEMM_NR = 4;  // 24 zmm accumulators
 constexpr int WO_MR = 4, WO_NR = 2;      // 2 x 8 zmm (partial + total)
 #else
-constexpr int GEMM_MR = 4, GEMM_NR = 1;  // 8 ymm accumulators
+constexpr int GEMM_MR = 3, GEMM_NR = 1;  // 6 ymm accumulators (+ 4 prepared weight, 2 activation registers)
 constexpr int WO_MR = 2, WO_NR = 1;
 #endif
 
@@ -184,8 +185,11 @@ struct Epilogue {
   int64_t n;
 };
 
-// Writes the 16 columns [n0, n0 + 16) of row m (the part inside N) from the accumulators `acc[VPB]`.
-inline void epilogue_block(const Epilogue& e, int64_t m, int64_t n0, const VI* acc) {
+// Writes the 16 columns [n0, n0 + 16) of row m (the part inside N) from the accumulators (a0, a1) (a1 unused with
+// 512-bit vectors). Taken by value and not inlined: an accumulator whose address escapes gets spilled to the stack
+// in the tile's inner loop.
+__attribute__((noinline)) void epilogue_block(const Epilogue& e, int64_t m, int64_t n0, VI a0, VI a1) {
+  const VI acc[2] = {a0, a1};
   alignas(64) int32_t ibuf[16];
   alignas(64) float fbuf[16];
   const int64_t cols = std::min<int64_t>(16, e.n - n0);
@@ -257,53 +261,62 @@ inline uint32_t a_quad(const uint8_t* a, int64_t k4, int64_t k) {
   if (4 * k4 + 4 <= k) {
     std::memcpy(&v, a + 4 * k4, 4);
   } else {
-    v = 0;
-    std::memcpy(&v, a + 4 * k4, k - 4 * k4);
+    v = 0;  // byte by byte: a variable-length memcpy is a call, and a call spills every vector register
+    for (int64_t i = 0; i < k - 4 * k4; ++i) v |= static_cast<uint32_t>(a[4 * k4 + i]) << (8 * i);
   }
   return FLIP ? v ^ 0x80808080u : v;
 }
 
-// One MR x (NR * 16) tile over the whole K. Accumulators stay in registers (fully unrolled constant indices).
+// One k4 step of a tile: prepare the NR * VPB weight vectors once, then one 4-product step per row and vector.
+template <int MR, int NR, bool FLIP, bool TAIL>
+__attribute__((always_inline)) inline void gemm_step(VI (&acc)[MR][NR * VPB], const int8_t* const (&bp)[NR],
+                                                     const uint8_t* ap, int64_t lda, int64_t q, int64_t k) {
+  WPrep w[NR * VPB];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 16
+    for (int v = 0; v < VPB; ++v) w[j * VPB + v] = prep_w(loadi(bp[j] + q * 64 + v * W * 4));
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    uint32_t a4;
+    if constexpr (TAIL) {
+      a4 = a_quad<FLIP>(ap + r * lda, q, k);
+    } else {
+      std::memcpy(&a4, ap + r * lda + 4 * q, 4);
+      if constexpr (FLIP) a4 ^= 0x80808080u;
+    }
+    const APrep ar = prep_a(a4);
+#pragma GCC unroll 16
+    for (int c = 0; c < NR * VPB; ++c) acc[r][c] = dot4(acc[r][c], ar, w[c]);
+  }
+}
+
+// One MR x (NR * 16) tile over the whole K. Accumulators stay in registers: every loop over them has constant bounds
+// and is fully unrolled, and no accumulator's address escapes (check the asm of the inner loop for stack refs).
 template <int MR, int NR, bool FLIP>
 void gemm_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t k, int64_t k4n, int64_t m0, int64_t nb0,
                const Epilogue& e) {
   VI acc[MR][NR * VPB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int c = 0; c < NR * VPB; ++c) acc[r][c] = zeroi();
   const int8_t* bp[NR];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int j = 0; j < NR; ++j) bp[j] = b + (nb0 + j) * k4n * 64;
   const uint8_t* ap = a + m0 * lda;
   const int64_t k4_full = k / 4;
-  for (int64_t q = 0; q < k4_full; ++q) {
-    WPrep w[NR * VPB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 8
-      for (int v = 0; v < VPB; ++v) w[j * VPB + v] = prep_w(loadi(bp[j] + q * 64 + v * W * 4));
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      uint32_t a4;
-      std::memcpy(&a4, ap + r * lda + 4 * q, 4);
-      const APrep ar = prep_a(FLIP ? a4 ^ 0x80808080u : a4);
-#pragma GCC unroll 8
-      for (int c = 0; c < NR * VPB; ++c) acc[r][c] = dot4(acc[r][c], ar, w[c]);
-    }
+  // One loop including the ragged K tail (a predictable branch per activation load): a separate tail step after the
+  // loop made g++ 12 store every accumulator to the stack on each iteration.
+  if (k4_full == k4n) {
+    for (int64_t q = 0; q < k4n; ++q) gemm_step<MR, NR, FLIP, false>(acc, bp, ap, lda, q, k);
+  } else {
+    for (int64_t q = 0; q < k4n; ++q) gemm_step<MR, NR, FLIP, true>(acc, bp, ap, lda, q, k);
   }
-  if (k4_full < k4n) {  // K tail
-    const int64_t q = k4_full;
-    WPrep w[NR * VPB];
-    for (int j = 0; j < NR; ++j)
-      for (int v = 0; v < VPB; ++v) w[j * VPB + v] = prep_w(loadi(bp[j] + q * 64 + v * W * 4));
-    for (int r = 0; r < MR; ++r) {
-      const APrep ar = prep_a(a_quad<FLIP>(ap + r * lda, q, k));
-      for (int c = 0; c < NR * VPB; ++c) acc[r][c] = dot4(acc[r][c], ar, w[c]);
-    }
-  }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) epilogue_block(e, m0 + r, (nb0 + j) * 16, &acc[r][j * VPB]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) epilogue_block(e, m0 + r, (nb0 + j) * 16, acc[r][j * VPB], acc[r][j * VPB + VPB - 1]);
 }
 
 template <int MR, int NR, bool FLIP>
@@ -400,10 +413,10 @@ struct WoStep<4> {
 template <int BITS, int MR, int NR, int J>
 inline void wo_lanes(VF (&p)[MR][NR * VPB], const VI (&wv)[NR * VPB], const float* x, int64_t ldx, int64_t kk) {
   if constexpr (J < WoStep<BITS>::KS) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int c = 0; c < NR * VPB; ++c) {
       const VF wf = WoStep<BITS>::template lane<J>(wv[c]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) p[r][c] = fmadd(bcastf(x[r * ldx + kk + J]), wf, p[r][c]);
     }
     wo_lanes<BITS, MR, NR, J + 1>(p, wv, x, ldx, kk);
@@ -416,54 +429,60 @@ void wo_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t ksn, int64_t
              int64_t n, int64_t m0, int64_t nb0, float* y) {
   constexpr int KS = WoStep<BITS>::KS;
   VF t[MR][NR * VPB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int c = 0; c < NR * VPB; ++c) t[r][c] = zerof();
   const float* xr = x + m0 * ldx;
   const int64_t groups = div_up(k, gs);
   for (int64_t g = 0; g < groups; ++g) {
     VF p[MR][NR * VPB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int c = 0; c < NR * VPB; ++c) p[r][c] = zerof();
     const int64_t s0 = g * gs / KS, s1 = std::min(ksn, div_up((g + 1) * gs, KS));
     for (int64_t s = s0; s < s1; ++s) {
       VI wv[NR * VPB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int v = 0; v < VPB; ++v) wv[j * VPB + v] = loadi(w + ((nb0 + j) * ksn + s) * 64 + v * W * 4);
       wo_lanes<BITS, MR, NR, 0>(p, wv, xr, ldx, s * KS);
     }
     // Scales of this group for the tile's columns (zero padded past N).
     VF sc[NR * VPB];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       const int64_t n0 = (nb0 + j) * 16;
       if (n0 + 16 <= n) {
+#pragma GCC unroll 16
         for (int v = 0; v < VPB; ++v) sc[j * VPB + v] = loadf(scale + g * n + n0 + v * W);
       } else {
         alignas(64) float buf[16] = {0};
         std::memcpy(buf, scale + g * n + n0, std::max<int64_t>(0, n - n0) * sizeof(float));
+#pragma GCC unroll 16
         for (int v = 0; v < VPB; ++v) sc[j * VPB + v] = loadf(buf + v * W);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int c = 0; c < NR * VPB; ++c) t[r][c] = fmadd(p[r][c], sc[c], t[r][c]);
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       const int64_t n0 = (nb0 + j) * 16;
       if (n0 >= n) continue;
       float* dst = y + (m0 + r) * n + n0;
       if (n0 + 16 <= n) {
+#pragma GCC unroll 16
         for (int v = 0; v < VPB; ++v) storef(dst + v * W, t[r][j * VPB + v]);
       } else {
         alignas(64) float buf[16];
+#pragma GCC unroll 16
         for (int v = 0; v < VPB; ++v) storef(buf + v * W, t[r][j * VPB + v]);
         std::memcpy(dst, buf, (n - n0) * sizeof(float));
       }
