@@ -7,6 +7,10 @@ preferred_element_type=int32)`` or (``impl="im2col"``, the default for ungrouped
 concatenated into patches and one int8 matmul: on XLA:CPU the int8 matmul path is 1.5-2x faster than the int8
 convolution, and ``conv_general_dilated_patches`` on int8 is very slow. For tiny contractions (a first layer
 with one input channel) ``impl="float"`` computes the same exact integer sums with a float32 convolution.
+
+When ``jquant.kernels.backend()`` is native, ``impl="auto"`` runs the im2col form on the native GEMM (per group
+for up to ``NATIVE_MAX_GROUPS`` groups) with the zero-point correction, bias and rescale fused into its epilogue;
+a kernel packed ahead of time by ``pack_conv_weight`` is used without repacking (ungrouped convs).
 """
 
 from __future__ import annotations
@@ -18,20 +22,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jquant.kernels import native, packing
 from jquant.kernels.activation import dynamic_qparams, quantize_activation
 from jquant.kernels.matmul import int8_matmul
-from jquant.kernels.weights import QuantizedWeight
+from jquant.kernels.weights import QuantizedWeight, pack_weight
 from jquant.numerics.granularity import qparam_shape
 
 CONV_IMPLS = ("auto", "im2col", "conv", "float")
 # Below this many terms per output (kh * kw * c_in / groups) an int8 matmul does not pay off on XLA:CPU (its
 # int8 kernels are tuned for long contractions); "float" then runs the same exact integer sums in float32.
 SMALL_K = 64
+NATIVE_MAX_GROUPS = 8  # grouped convs with more groups (depthwise) stay on XLA's convolution
 
 
 def _dimension_numbers(x_ndim: int, dimension_numbers: Any) -> lax.ConvDimensionNumbers:
     shape = (1,) * x_ndim
     return lax.conv_dimension_numbers(shape, shape, dimension_numbers)
+
+
+def conv_contracting_axes(ndim: int, dimension_numbers: Any = None) -> tuple[int, ...]:
+    """The kernel axes a conv contracts, in im2col order (spatial..., in): what ``pack_weight`` needs."""
+    spec = _dimension_numbers(ndim, dimension_numbers).rhs_spec
+    return (*spec[2:], spec[1])
+
+
+def pack_conv_weight(qw: QuantizedWeight, dimension_numbers: Any = None, *, force: bool = False) -> QuantizedWeight:
+    """``pack_weight`` for a conv kernel (``dimension_numbers`` as given to ``lax.conv_general_dilated``)."""
+    return pack_weight(qw, conv_contracting_axes(len(qw.shape), dimension_numbers), force=force)
 
 
 def _channels_last(x: jnp.ndarray, spec: tuple[int, ...]) -> jnp.ndarray:
@@ -99,6 +116,11 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     spatial = "".join("HWDABCEFG"[:nsp])
     channels_last = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     centered = False
+    if impl == "auto" and native.use_native() and feature_group_count <= NATIVE_MAX_GROUPS:
+        y = _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, feature_group_count,
+                         bias_q, dn)
+        inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+        return y, inverse, out_axis
     if impl == "float":
         if k_size * 128 * 255 >= 2**24:
             raise ValueError(f"impl: 'float' is exact only for small contractions; this conv has {k_size} terms")
@@ -126,6 +148,31 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     y = acc.astype(jnp.float32) * (x_scale * w_scale)
     inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
     return y, inverse, out_axis
+
+
+def _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, groups, bias_q, dn):
+    """im2col + the native GEMM per group, epilogue fused: float32 ``(N, out_spatial..., out)``."""
+    c_in, c_out = xp.shape[-1], k_sf.shape[-1]
+    cg, og = c_in // groups, c_out // groups
+    prepacked = (groups == 1 and w.kernel_layout == "s8_k4" and w.w_sums is not None
+                 and w.sum_axes == (*dn.rhs_spec[2:], dn.rhs_spec[1]))
+    col_scale = x_scale * w_scale
+    outs = []
+    for g in range(groups):
+        xg = xp if groups == 1 else xp[..., g * cg:(g + 1) * cg]
+        patches = _patches(xg, window, strides, rhs_dilation)
+        if prepacked:
+            packed, colsum = w.kernel_data, w.w_sums[0]
+        else:
+            kg = k_sf[..., g * og:(g + 1) * og].reshape(-1, og)
+            packed, colsum = packing.pack_s8_k4(kg), jnp.sum(kg.astype(jnp.int32), axis=0)
+        # The kernel multiplies (xq + 128) as u8; padding carries the zero point, so this correction is exact.
+        offset = -(x_zp + 128) * colsum
+        if bias_q is not None:
+            offset = offset + bias_q[g * og:(g + 1) * og]
+        outs.append(native.gemm_s8(patches, packed, offset, n=og, out="float32",
+                                   col_scale=col_scale[g * og:(g + 1) * og]))
+    return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
 
 
 def int8_conv(

@@ -4,11 +4,17 @@ Each kernel computes what ``lax.dot_general(x, w_float, dimension_numbers)`` com
 in the positions given by ``weight_side``), from a ``QuantizedWeight`` made once ahead of time. Internally the
 operands are brought to ``(M, K) @ (K, N)`` (free transposes/reshapes for the usual layouts), multiplied as
 int8 x int8 -> int32, corrected for zero points in int32, and rescaled once to float32.
+
+When ``jquant.kernels.backend()`` is native (CPU), eligible calls run the native kernels instead, with the
+zero-point corrections, scales, bias, ReLU and requantization fused into the GEMM's epilogue: W8A8 with one
+weight group and symmetric weights; weight-only int8 / int4 with symmetric weights (groups of a multiple of 4 /
+8). A weight packed ahead of time by ``pack_weight`` is used as is; otherwise it is packed on each call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -16,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jquant.kernels import native, packing
 from jquant.kernels.activation import dynamic_qparams, quantize_activation
 from jquant.kernels.matmul import int8_grouped_matmul, zero_point_corrected
 from jquant.kernels.weights import QuantizedWeight, canonical_groups, canonical_matrix
@@ -23,7 +30,7 @@ from jquant.numerics.affine import reciprocal, round_to_grid
 from jquant.numerics.granularity import qparam_shape
 from jquant.numerics.qtypes import qrange, storage_dtype
 
-WEIGHT_ONLY_IMPLS = ("auto", "dynamic", "dequantize")
+WEIGHT_ONLY_IMPLS = ("auto", "native", "dynamic", "dequantize")
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,38 @@ def _bias_for_output(bias, layout: DotLayout, w: QuantizedWeight) -> jnp.ndarray
     return jnp.broadcast_to(jnp.asarray(bias, jnp.float32), free_shape).reshape(-1)
 
 
+def _native_w8a8_ok(w: QuantizedWeight, cw: CanonicalWeight) -> bool:
+    return native.use_native() and cw.groups == 1 and cw.zero_point is None and w.dtype in ("int8", "int4")
+
+
+def _native_int8_operand(w: QuantizedWeight, cw: CanonicalWeight, layout: DotLayout):
+    """(packed "s8_k4" weight, int32 column sums (N,)) for the native GEMM: prepacked when available."""
+    if w.kernel_layout == "s8_k4" and w.sum_axes == layout.w_contract and w.w_sums is not None:
+        return w.kernel_data, w.w_sums[0]
+    sums = cw.sums[0] if cw.sums is not None else jnp.sum(cw.q.astype(jnp.int32), axis=0)
+    return packing.pack_s8_k4(cw.q), sums
+
+
+def _native_int8_dot(xq2, x_zp, packed, colsum, *, n, row_scale, col_scale, bias_q=None, bias_f=None, relu=False,
+                     out_scale=None, out_zero_point=0, out_dtype="uint8", out_quant_min=None, out_quant_max=None):
+    """The native GEMM of int8 (shifted) activations ``xq2 (M, K)`` with the whole epilogue; ``x_zp`` per tensor."""
+    # The kernel multiplies (xq + 128) as u8: subtract (x_zp + 128) * colsum to get sum (xq - x_zp) * w.
+    offset = -(jnp.asarray(x_zp, jnp.int32).reshape(()) + 128) * colsum
+    if bias_q is not None:
+        offset = offset + bias_q
+    kw = dict(n=n, row_scale=row_scale, col_scale=col_scale, bias=bias_f, relu=relu)
+    if out_scale is None:
+        return native.gemm_s8(xq2, packed, offset, out="float32", **kw)
+    storage = jnp.dtype(storage_dtype(out_dtype))
+    qmin, qmax = qrange(out_dtype, out_quant_min, out_quant_max)
+    if storage not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):  # e.g. int4 outputs: requantize in XLA
+        y = native.gemm_s8(xq2, packed, offset, out="float32", **kw)
+        return _requantize(y, out_scale, out_zero_point, out_dtype, out_quant_min, out_quant_max)
+    return native.gemm_s8(xq2, packed, offset, out=str(storage), qmin=qmin, qmax=qmax,
+                          out_inv_scale=reciprocal(jnp.asarray(out_scale, jnp.float32)).reshape(()),
+                          out_zero_point=out_zero_point, **kw)
+
+
 def int8_dot_general(
     x: jnp.ndarray,
     w: QuantizedWeight,
@@ -148,6 +187,7 @@ def int8_dot_general(
     out_dtype: Any = "uint8",
     out_quant_min: int | None = None,
     out_quant_max: int | None = None,
+    relu: bool = False,
     pad_batch_one: bool | None = None,
 ) -> jnp.ndarray:
     """Static W8A8 ``dot_general``: calibrated per-tensor activation qparams, int8 weight, int32 accumulation.
@@ -157,6 +197,7 @@ def int8_dot_general(
     ``bias`` (float, along the weight's output dims) is added in int32 with the derived scale
     ``act_scale * w_scale`` when ``bias_int32`` (per-channel weights), else in float. Returns float32, or the
     output quantized with ``out_scale``/``out_zero_point`` as ``out_dtype`` when ``out_scale`` is given.
+    ``relu``: ``max(y, 0)`` before the output quantization (fused into the native epilogue).
     """
     layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
     cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free)
@@ -175,9 +216,18 @@ def int8_dot_general(
             derived = x_scale * cw.scale[0]
             bias_q = jnp.round(bias_f / derived).astype(jnp.int32)
             bias_f = None
+    if _native_w8a8_ok(w, cw):
+        packed, colsum = _native_int8_operand(w, cw, layout)
+        y = _native_int8_dot(layout.x_matrix(xq), x_zp, packed, colsum, n=cw.q.shape[1], row_scale=None,
+                             col_scale=x_scale * cw.scale[0], bias_q=bias_q, bias_f=bias_f, relu=relu,
+                             out_scale=out_scale, out_zero_point=out_zero_point, out_dtype=out_dtype,
+                             out_quant_min=out_quant_min, out_quant_max=out_quant_max)
+        return layout.output(y, x.shape, w.shape)
     y = _integer_dot(layout.x_matrix(xq), x_zp, x_scale, cw, pad_batch_one, bias_q)
     if bias_f is not None:
         y = y + bias_f
+    if relu:
+        y = jnp.maximum(y, 0.0)
     y = layout.output(y, x.shape, w.shape)
     if out_scale is not None:
         return _requantize(y, out_scale, out_zero_point, out_dtype, out_quant_min, out_quant_max)
@@ -206,6 +256,12 @@ def dynamic_int8_dot_general(
     dtype = act_dtype or ("int8" if symmetric else "uint8")
     x_scale, x_zp = dynamic_qparams(x2, axes, symmetric=symmetric, dtype=dtype)
     xq, x_zp = quantize_activation(x2, x_scale, x_zp, dtype=dtype)
+    if _native_w8a8_ok(w, cw) and x_zp.size == 1:
+        packed, colsum = _native_int8_operand(w, cw, layout)
+        y = _native_int8_dot(xq, x_zp, packed, colsum, n=cw.q.shape[1], row_scale=x_scale, col_scale=cw.scale[0])
+        if bias is not None:
+            y = y + _bias_for_output(bias, layout, w)
+        return layout.output(y, x.shape, w.shape)
     y = _integer_dot(xq, x_zp, x_scale, cw, pad_batch_one)
     if bias is not None:
         y = y + _bias_for_output(bias, layout, w)
@@ -225,22 +281,42 @@ def weight_only_dot_general(
     """Weight-only ``dot_general`` (int8 or group-wise int4 weight, float activation).
 
     ``impl="dequantize"``: float activation times the dequantized weight (exactly the weight-only fake-quant
-    numerics). ``impl="dynamic"``: the activation is quantized per row to int8 at run time and the int8 dot is
-    used (adds one activation rounding; the fast path on CPU, where XLA does not fuse the int->float weight
-    convert into the dot). ``"auto"`` picks ``"dynamic"`` on CPU and ``"dequantize"`` elsewhere.
+    numerics; XLA materializes the float weight on every call). ``impl="native"``: the native CPU kernel
+    (float activations times the packed integer weight, scales per group; the same numerics up to float
+    summation order, without a float weight in memory). ``impl="dynamic"``: the activation is quantized per row
+    to int8 at run time and the int8 dot is used (adds one activation rounding: opt in only).
+    ``"auto"`` (exact): ``"native"`` where the native kernels run and the weight is eligible, else
+    ``"dequantize"``.
     """
     if impl not in WEIGHT_ONLY_IMPLS:
         raise ValueError(f"impl: expected one of {WEIGHT_ONLY_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "dynamic" if jax.default_backend() == "cpu" else "dequantize"
+    if impl in ("auto", "native"):
+        eligible = _native_weight_only_ok(w, x, dimension_numbers, weight_side)
+        if impl == "native" and not eligible:
+            raise ValueError("impl: 'native' needs the native CPU kernels (jquant.kernels.backend()), symmetric "
+                             "int8/int4 weights with groups of a multiple of 4 (int8) / 8 (int4) and float inputs")
+        impl = "native" if eligible else "dequantize"
     if impl == "dynamic":
         return dynamic_int8_dot_general(
             x, w, dimension_numbers, weight_side=weight_side, bias=bias, pad_batch_one=pad_batch_one
         )
     layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
-    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free)
+    cw = CanonicalWeight.of(w, layout.w_contract, layout.w_free, need_sums=False)
     x2 = layout.x_matrix(x)
     dtype = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
+    if impl == "native":
+        k, n = cw.q.shape
+        bits = 8 if w.dtype == "int8" else 4
+        layout_name = packing.LAYOUTS[w.dtype]
+        if w.kernel_layout == layout_name and w.sum_axes == layout.w_contract:
+            packed = w.kernel_data
+        else:
+            packed = packing.pack(cw.q, w.dtype)
+        xin = x2 if x2.dtype in (jnp.float32, jnp.bfloat16) else x2.astype(jnp.float32)
+        y = _weight_only_native(xin, packed, cw.scale, k, n, bits, k // cw.groups if cw.groups > 1 else None)
+        if bias is not None:
+            y = y + _bias_for_output(bias, layout, w)
+        return layout.output(y, x.shape, w.shape).astype(dtype)
     k, n = cw.q.shape
     wq = cw.q.reshape(cw.groups, k // cw.groups, n).astype(dtype)
     if cw.zero_point is not None:
@@ -253,3 +329,45 @@ def weight_only_dot_general(
     if bias is not None:
         y = y + _bias_for_output(bias, layout, w)
     return layout.output(y, x.shape, w.shape).astype(dtype)
+
+
+def _native_weight_only_ok(w: QuantizedWeight, x: jnp.ndarray, dimension_numbers: Any, weight_side: str) -> bool:
+    if not native.use_native() or w.zero_point is not None or w.dtype not in ("int8", "int4"):
+        return False
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return False
+    layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
+    try:
+        groups = canonical_groups(w.shape, w.block_size, layout.w_contract)
+    except ValueError:
+        return False
+    k = layout.k(x.shape)
+    step = 4 if w.dtype == "int8" else 8
+    return groups == 1 or (k // groups) % step == 0
+
+
+def _dequantized(packed, scale, k, n, bits, group_size):
+    q = packing.unpack(packed, packing.LAYOUTS["int8" if bits == 8 else "int4"], k, n).astype(jnp.float32)
+    groups = scale.shape[0]
+    return (q.reshape(groups, k // groups, n) * scale[:, None, :]).reshape(k, n)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _weight_only_native(x2, packed, scale, k, n, bits, group_size):
+    """Native weight-only GEMM with a VJP (``dx``, ``dscale``) computed in XLA from the dequantized weight."""
+    return native.weight_only(x2, packed, scale, n=n, bits=bits, group_size=group_size)
+
+
+def _weight_only_native_fwd(x2, packed, scale, k, n, bits, group_size):
+    return _weight_only_native(x2, packed, scale, k, n, bits, group_size), (x2, packed, scale)
+
+
+def _weight_only_native_bwd(k, n, bits, group_size, residuals, dy):
+    x2, packed, scale = residuals
+    _, vjp = jax.vjp(lambda x, s: lax.dot(x.astype(jnp.float32), _dequantized(packed, s, k, n, bits, group_size)),
+                     x2, scale)
+    dx, dscale = vjp(dy.astype(jnp.float32))
+    return dx.astype(x2.dtype), np.zeros(packed.shape, jax.dtypes.float0), dscale
+
+
+_weight_only_native.defvjp(_weight_only_native_fwd, _weight_only_native_bwd)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jquant.kernels import native, packing
+
 
 def use_batch_one_padding() -> bool:
     """On XLA:CPU an int8 dot with one row falls off the fast path; padding to two rows is ~2x faster."""
@@ -19,7 +21,16 @@ def use_batch_one_padding() -> bool:
 
 
 def int8_matmul(xq: jnp.ndarray, wq: jnp.ndarray, *, pad_batch_one: bool | None = None) -> jnp.ndarray:
-    """``(M, K) int8 @ (K, N) int8 -> (M, N) int32``, exact (``preferred_element_type=int32``)."""
+    """``(M, K) int8 @ (K, N) int8 -> (M, N) int32``, exact.
+
+    Runs the native GEMM when ``jquant.kernels.backend()`` is native (``wq`` is packed on each call: pass a
+    ``QuantizedWeight`` made by ``pack_weight`` to the ``dot_general`` kernels to pack once), else XLA's int8 dot
+    (``preferred_element_type=int32``). ``xq`` may also be uint8 on the native path.
+    """
+    if native.use_native() and xq.dtype in (jnp.int8, jnp.uint8) and wq.dtype == jnp.int8:
+        colsum = jnp.sum(wq.astype(jnp.int32), axis=0)
+        offset = -128 * colsum if xq.dtype == jnp.int8 else jnp.zeros_like(colsum)
+        return native.gemm_s8(xq, packing.pack_s8_k4(wq), offset, n=wq.shape[1])
     if pad_batch_one is None:
         pad_batch_one = use_batch_one_padding()
     rows = xq.shape[0]

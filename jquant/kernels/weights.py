@@ -1,13 +1,15 @@
 """Ahead-of-time weight quantization: float weights become int8 / packed int4 arrays plus scales.
 
-A ``QuantizedWeight`` is a pytree leaf container: its arrays (``qvalue``, ``scale``, ``zero_point``, ``w_sums``)
-are children, its layout facts (dtype, shape, block size, packing) are static aux data, so it passes through
-``jit``, ``tree_map`` and checkpointing like any params pytree. Scales follow ``jquant.numerics.granularity``:
-``scale.shape == shape[i] // block_size[i]`` per dim, so one field covers per-tensor, per-channel and per-group.
+A ``QuantizedWeight`` is a pytree leaf container: its arrays (``qvalue``, ``scale``, ``zero_point``, ``w_sums``,
+``kernel_data``) are children, its layout facts (dtype, shape, block size, packing) are static aux data, so it
+passes through ``jit``, ``tree_map`` and checkpointing like any params pytree. Scales follow
+``jquant.numerics.granularity``: ``scale.shape == shape[i] // block_size[i]`` per dim, so one field covers
+per-tensor, per-channel and per-group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,12 +36,16 @@ class QuantizedWeight:
     ``scale``: float32 of shape ``shape[i] // block_size[i]``. ``zero_point``: int32 like ``scale`` or None
     (symmetric). ``w_sums``: int32 sums of the integer values over ``sum_axes`` (precomputed for the
     activation zero-point correction of W8A8 kernels) or None.
+    ``kernel_data``: the same integer values in the native CPU kernels' packed layout ``kernel_layout`` (see
+    ``jquant.kernels.packing``) for the contraction over ``sum_axes``, made once by ``pack_weight``; None when the
+    kernels should pack per call (or run on XLA).
     """
 
     qvalue: jnp.ndarray
     scale: jnp.ndarray
     zero_point: jnp.ndarray | None
     w_sums: jnp.ndarray | None = None
+    kernel_data: jnp.ndarray | None = None
     dtype: str = field(default="int8", metadata=dict(static=True))
     shape: tuple[int, ...] = field(default=(), metadata=dict(static=True))
     block_size: tuple[int, ...] = field(default=(), metadata=dict(static=True))
@@ -49,11 +55,12 @@ class QuantizedWeight:
     packed: bool = field(default=False, metadata=dict(static=True))
     packed_axis: int | None = field(default=None, metadata=dict(static=True))
     sum_axes: tuple[int, ...] | None = field(default=None, metadata=dict(static=True))
+    kernel_layout: str | None = field(default=None, metadata=dict(static=True))
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the arrays (int values, scales, zero points, sums)."""
-        return tree_nbytes([self.qvalue, self.scale, self.zero_point, self.w_sums])
+        """Bytes held by the arrays (int values, scales, zero points, sums, and the native packed copy if any)."""
+        return tree_nbytes([self.qvalue, self.scale, self.zero_point, self.w_sums, self.kernel_data])
 
     def int_values(self) -> jnp.ndarray:
         """The integer values as an int8 array of ``shape`` (unpacks int4)."""
@@ -168,6 +175,33 @@ def quantize_weight(
         packed_axis=packed_axis,
         sum_axes=sum_axes,
     )
+
+
+def pack_weight(qw: QuantizedWeight, contracting_axes: Sequence[int] | None = None, *,
+                force: bool = False) -> QuantizedWeight:
+    """``qw`` with its values also packed (once, ahead of time) for the native CPU kernels.
+
+    ``contracting_axes``: the axes the dot / conv contracts (default ``qw.sum_axes``; for a canonical ``(K, N)``
+    weight ``(0,)``; for a conv kernel ``conv_contracting_axes(dimension_numbers)``). Also sets ``w_sums`` (the
+    per-group integer sums) for that contraction. Unless ``force``, returns ``qw`` unchanged when the native
+    kernels are not in use (``jquant.kernels.backend() == "xla"``), so XLA / GPU params carry no second copy.
+    The kernels use ``kernel_data`` automatically; without it they pack on every call.
+    """
+    from jquant.kernels import native, packing
+
+    if not force and not native.use_native():
+        return qw
+    axes = contracting_axes if contracting_axes is not None else qw.sum_axes
+    if axes is None:
+        raise ValueError("contracting_axes: give the contracted axes (the weight has no sum_axes)")
+    ndim = len(qw.shape)
+    axes = tuple(normalize_axis(a, ndim, "contracting_axes") for a in axes)
+    free = tuple(a for a in range(ndim) if a not in axes)
+    q2d = canonical_matrix(qw.int_values(), axes, free)
+    groups = canonical_groups(qw.shape, qw.block_size, axes)
+    w_sums = jnp.sum(q2d.astype(jnp.int32).reshape(groups, -1, q2d.shape[1]), axis=1)
+    return dataclasses.replace(qw, w_sums=w_sums, sum_axes=axes, kernel_data=packing.pack(q2d, qw.dtype),
+                               kernel_layout=packing.LAYOUTS[qw.dtype])
 
 
 def canonical_matrix(q: jnp.ndarray, contracting: Sequence[int], free: Sequence[int]) -> jnp.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from jquant.kernels.weights import QuantizedWeight
 
 _FORMAT = "jquant.int_params.v1"
-_QW_ARRAYS = ("qvalue", "scale", "zero_point", "w_sums")
+_QW_ARRAYS = ("qvalue", "scale", "zero_point", "w_sums", "kernel_data")
 
 
 def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
