@@ -22,17 +22,58 @@ from jquant.numerics.exact import exact_divide, product_of_difference, unfused_m
 from jquant.numerics.granularity import apply_blockwise, block_size_for
 from jquant.numerics.qtypes import canonical_dtype, float_qtype_max, is_float_qtype, qrange, storage_dtype
 
+SMALLEST_NORMAL_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def _concrete(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array, or None when it is traced (only concrete values can be checked)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value)
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
 
 def _check_scale(scale: Any) -> None:
-    # Only concrete scales can be checked; traced ones are the caller's responsibility.
-    try:
-        values = np.asarray(scale)
-    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    """Concrete scales must be finite normal float32 numbers > 0.
+
+    A subnormal scale (below ``float32`` tiny, 1.18e-38) passes ``> 0`` but XLA flushes subnormals to zero,
+    so ``1 / scale`` becomes inf and the output NaN. Traced scales cannot be checked here: under ``jit`` a bad
+    scale gives NaN/inf outputs instead of an error.
+    """
+    values = _concrete(scale)
+    if values is None:
         return
     if values.size == 0:
         raise ValueError("scale: empty array")
-    if not np.all(values > 0):
-        raise ValueError(f"scale: every scale must be > 0, got min {values.min()!r}")
+    values = values.astype(np.float32) if values.dtype.kind in "iub" else values
+    bad = ~(np.isfinite(values) & (values >= SMALLEST_NORMAL_SCALE))
+    if np.any(bad):
+        culprit = float(values[bad].flat[0])
+        if np.isfinite(culprit) and culprit > 0:
+            raise ValueError(
+                f"scale: {culprit!r} is subnormal in float32 (below {SMALLEST_NORMAL_SCALE:.6g}); XLA flushes "
+                "subnormals to zero, so it would give inf/NaN. Use a larger scale (observers clamp it to eps)"
+            )
+        raise ValueError(f"scale: every scale must be > 0 and finite, got {culprit!r}")
+
+
+def _check_zero_point(zero_point: Any, quant_min: int, quant_max: int) -> None:
+    """Concrete integer zero points must lie in ``[quant_min, quant_max]`` (torch raises too).
+
+    Float zero points (``per_channel_affine_float_qparams``) are not range-checked, as in torch. Traced zero
+    points cannot be checked: under ``jit`` an out-of-range one gives a clamped (constant) output.
+    """
+    values = _concrete(zero_point)
+    if values is None or values.dtype.kind == "f":
+        return
+    outside = (values < quant_min) | (values > quant_max)
+    if np.any(outside):
+        raise ValueError(
+            f"zero_point: {values[outside].flat[0]} lies outside [quant_min, quant_max] = [{quant_min}, "
+            f"{quant_max}]; every zero point must be in that range"
+        )
 
 
 def _check_input(x: jnp.ndarray) -> None:
@@ -61,15 +102,20 @@ def reciprocal(scale: jnp.ndarray) -> jnp.ndarray:
 
 
 def _fake_quant_values(x, scale, zero_point, qmin, qmax):
-    scale = scale.astype(x.dtype)
-    q = round_to_grid(x, reciprocal(scale).astype(x.dtype), zero_point)
-    zp = zero_point.astype(x.dtype)
+    # Low-precision inputs (bf16, f16) are computed in float32 with the float32 scale and rounded once to the
+    # input dtype at the end, as torch does; casting the scale to bf16 first would move ~60% of the outputs.
+    out_dtype = x.dtype
+    compute = jnp.promote_types(out_dtype, jnp.float32)
+    x = x.astype(compute)
+    scale = scale.astype(compute)
+    q = round_to_grid(x, reciprocal(scale).astype(compute), zero_point)
+    zp = zero_point.astype(compute)
     if _is_float_zp(zero_point):
         # torch computes (q - zp) * scale in double here (q is an int64), then rounds once.
         y = product_of_difference(jnp.clip(q, qmin, qmax), zp, scale)
     else:
         y = (jnp.clip(q, qmin, qmax) - zp) * scale
-    return y, (q >= qmin) & (q <= qmax)
+    return y.astype(out_dtype), (q >= qmin) & (q <= qmax)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -120,6 +166,7 @@ def fake_quantize_affine(
     if is_float_qtype(dtype):
         return _fake_quant_float8(x, scale, canonical_dtype(dtype), block)
     qmin, qmax = qrange(dtype, quant_min, quant_max)
+    _check_zero_point(zero_point, qmin, qmax)
     zero_point = jnp.asarray(zero_point)
     if not _is_float_zp(zero_point):
         zero_point = zero_point.astype(jnp.int32)
@@ -156,6 +203,7 @@ def quantize_affine(
             scale,
         )
     qmin, qmax = qrange(name, quant_min, quant_max)
+    _check_zero_point(zero_point, qmin, qmax)
     zero_point = jnp.asarray(zero_point)
 
     def quantize(v, s, zp):

@@ -3,7 +3,12 @@
 ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine`` match
 ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` bit for bit, including
 the straight-through gradient (``dy`` where ``quant_min <= round(x/scale) + zp <= quant_max``, inclusive, 0
-elsewhere; no gradient to scale or zero point).
+elsewhere; no gradient to scale or zero point). bf16 / f16 inputs are computed in float32 and rounded once to
+the input dtype, as torch does.
+
+Checked when concrete (torch raises too): the scale is a finite normal float32 > 0 and an integer zero point
+lies in ``[quant_min, quant_max]``. Under ``jit`` traced qparams cannot be checked: an out-of-range zero point
+then gives a clamped, constant output and a zero / subnormal scale gives inf or NaN.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jquant.numerics.affine import _check_input, _check_scale, _fake_quant_ste, _is_float_zp
+from jquant.numerics.affine import _check_input, _check_scale, _check_zero_point, _fake_quant_ste, _is_float_zp
 from jquant.numerics.granularity import block_size_for, normalize_axis
 
 
@@ -36,6 +41,7 @@ def fake_quantize_per_tensor_affine(
     _check_input(x)
     _check_scale(scale)
     quant_min, quant_max = check_quant_range(quant_min, quant_max)
+    _check_zero_point(zero_point, quant_min, quant_max)
     scale = jnp.asarray(scale, jnp.float32)
     if scale.size != 1:
         raise ValueError(f"scale: per-tensor fake quant needs one scale, got shape {scale.shape}")
@@ -56,6 +62,7 @@ def fake_quantize_per_channel_affine(
     _check_input(x)
     _check_scale(scale)
     quant_min, quant_max = check_quant_range(quant_min, quant_max)
+    _check_zero_point(zero_point, quant_min, quant_max)
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
     scale = jnp.asarray(scale, jnp.float32)

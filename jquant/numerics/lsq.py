@@ -8,7 +8,8 @@ unclamped grid value ``round(zq + x * inv_scale)``)::
     xq < quant_min:                dx = 0;   dscale = dy * (quant_min - zq) * g;      dzp = -dy * scale * g
     xq > quant_max:                dx = 0;   dscale = dy * (quant_max - zq) * g;      dzp = -dy * scale * g
 
-``dscale``/``dzp`` are summed over the tensor (per channel for the per-channel op). torch's per-tensor
+The output and ``dx`` have the input's dtype (bf16 / f16 inputs are computed in float32 and rounded once);
+``dscale``/``dzp`` are float32, summed over the tensor (per channel for the per-channel op). torch's per-tensor
 backward uses ``zq = trunc(clamp(zp + 0.5))``, its per-channel backward ``zq = clamp(round(zp))``.
 """
 
@@ -27,12 +28,18 @@ from jquant.numerics.granularity import normalize_axis
 
 
 def _lsq_forward(x, scale, zp_int, qmin, qmax):
+    # bf16 / f16 inputs: computed in float32, rounded once to the input dtype (as torch)
+    out_dtype = x.dtype
+    x = x.astype(jnp.promote_types(out_dtype, jnp.float32))
     inv = reciprocal(scale)
     q = jnp.round(x * inv) + zp_int
-    return (jnp.clip(q, qmin, qmax) - zp_int) * scale
+    return ((jnp.clip(q, qmin, qmax) - zp_int) * scale).astype(out_dtype)
 
 
 def _lsq_backward(x, scale, zq, qmin, qmax, g, dy, reduce_axes):
+    x_dtype = x.dtype
+    x = x.astype(jnp.promote_types(x_dtype, jnp.float32))
+    dy = dy.astype(x.dtype)
     inv = reciprocal(scale)
     xq = jnp.round(fused_multiply_add(x, inv, zq))  # torch's kernel compiles zq + x * inv to an FMA
     inside = (xq >= qmin) & (xq <= qmax)
@@ -43,7 +50,7 @@ def _lsq_backward(x, scale, zq, qmin, qmax, g, dy, reduce_axes):
     dscale_out = jnp.where(xq < qmin, dy * (qmin - zq), dy * (qmax - zq)) * g
     dscale = jnp.where(inside, dscale_in, dscale_out)
     dzp = jnp.where(inside, 0.0, -dy * scale * g)
-    return dx, jnp.sum(dscale, axis=reduce_axes), jnp.sum(dzp, axis=reduce_axes)
+    return dx.astype(x_dtype), jnp.sum(dscale, axis=reduce_axes), jnp.sum(dzp, axis=reduce_axes)
 
 
 def _residual_in_steps(steps, scale, x, inv):

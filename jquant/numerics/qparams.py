@@ -14,6 +14,15 @@ from jquant.numerics.qtypes import canonical_dtype, float_qtype_max, is_float_qt
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
+def _range_over(hi: jnp.ndarray, lo: jnp.ndarray, levels: float) -> jnp.ndarray:
+    """``(hi - lo) / levels`` with torch's rounding; where ``hi - lo`` overflows float32 (a finite range such as
+    +-3e38, where torch's scale becomes inf), ``hi / levels - lo / levels`` instead, which stays finite."""
+    levels32 = np.float32(levels)
+    plain = exact_divide(hi - lo, levels32)
+    split = exact_divide(hi, levels32) - exact_divide(lo, levels32)
+    return jnp.where(jnp.isfinite(hi - lo) | ~(jnp.isfinite(hi) & jnp.isfinite(lo)), plain, split)
+
+
 def choose_qparams(
     min_val: Any,
     max_val: Any,
@@ -30,7 +39,8 @@ def choose_qparams(
     Works elementwise, so per-channel mins/maxes give per-channel qparams. Entries never observed
     (``min=+inf, max=-inf``) get ``(1.0, 0)``, like torch. ``zero_point`` is int32, except for
     ``per_channel_affine_float_qparams`` where it is float32 (as in torch). Float8 qtypes get a scale
-    of ``absmax / finfo.max`` and a zero point of 0.
+    of ``absmax / finfo.max`` and a zero point of 0. A finite range whose width overflows float32 (e.g.
+    +-3e38; torch's scale is inf there) gets the finite scale ``max / levels - min / levels``.
     """
     qscheme = canonical_qscheme(qscheme)
     name = canonical_dtype(dtype)
@@ -63,12 +73,12 @@ def choose_qparams(
             zp_value = 0
         zero_point = jnp.full(scale.shape, zp_value, jnp.int32)
     elif qscheme == "per_channel_affine_float_qparams":
-        scale = exact_divide(max_val - min_val, np.float32(qmax - qmin))
+        scale = _range_over(max_val, min_val, qmax - qmin)
         scale = jnp.where(scale > eps32, scale, 1.0)
         zero_point = exact_divide(-min_val, scale)
         zero_point = jnp.where(unobserved, 0.0, zero_point)
     else:
-        scale = jnp.maximum(exact_divide(max_pos - min_neg, np.float32(qmax - qmin)), eps32)
+        scale = jnp.maximum(_range_over(max_pos, min_neg, qmax - qmin), eps32)
         zero_point = qmin - jnp.round(exact_divide(min_neg, scale)).astype(jnp.int32)
         zero_point = jnp.clip(zero_point, qmin, qmax)
     scale = jnp.where(unobserved, 1.0, scale)

@@ -2,14 +2,21 @@
 
 Non-finite rule (all observers): NaN and +-inf values are ignored when statistics are gathered. A batch
 without any finite value (or an empty batch) leaves the state unchanged, so a state never becomes NaN/inf
-except for the "nothing observed yet" marker ``min=+inf, max=-inf``.
+except for the "nothing observed yet" marker ``min=+inf, max=-inf`` (also for finite ranges as wide as
++-3.4e38, whose width overflows float32). Complex inputs are refused (their imaginary part would be lost).
+
+Sharded observation: every observer has ``merge(state, axis_names, previous=None) -> state``, called inside
+``shard_map`` (or ``pmap``) after each shard updated ``previous`` (the replicated state all shards started
+from) with its own block: it combines the per-shard states with collectives over ``axis_names`` so that every
+shard ends with the same state. Per-channel observers assume the channel axis is not split across shards.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 
 from jquant.numerics.qparams import choose_qparams
 from jquant.numerics.qschemes import canonical_qscheme, is_per_channel, is_symmetric
@@ -29,6 +36,22 @@ class MinMaxState(NamedTuple):
 def empty_minmax_state(shape: tuple[int, ...] = ()) -> MinMaxState:
     """A state that has observed nothing (``min=+inf, max=-inf``)."""
     return MinMaxState(jnp.full(shape, jnp.inf, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32))
+
+
+def real_input(x: Any, owner: str) -> jnp.ndarray:
+    """``x`` as an array after refusing complex dtypes (casting would silently drop the imaginary part)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{owner}: got a complex input (dtype {x.dtype}); observers take real values. Observe the real "
+            "and imaginary parts separately (jnp.real(x), jnp.imag(x)) or their magnitude (jnp.abs(x))"
+        )
+    return x
+
+
+def merge_minmax(state: MinMaxState, axis_names: Any) -> MinMaxState:
+    """Global range of per-shard ranges: ``pmin`` of the minimums, ``pmax`` of the maximums."""
+    return MinMaxState(lax.pmin(state.min_val, axis_names), lax.pmax(state.max_val, axis_names))
 
 
 def finite_aminmax(x: jnp.ndarray, axis: int | tuple[int, ...] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:

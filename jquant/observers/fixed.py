@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jquant.numerics.qparams import FLOAT32_EPS, choose_qparams
 from jquant.numerics.qschemes import canonical_qscheme, is_per_channel
 from jquant.numerics.qtypes import canonical_dtype, is_float_qtype, qrange
-from jquant.observers._base import MinMaxState, empty_minmax_state, finite_aminmax
+from jquant.observers._base import MinMaxState, empty_minmax_state, finite_aminmax, merge_minmax, real_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,10 @@ class FixedQParamsObserver:
         return ()
 
     def update(self, state: tuple, x: Any) -> tuple:
+        return state
+
+    def merge(self, state: tuple, axis_names: Any, previous: tuple | None = None) -> tuple:
+        """Nothing to combine across shards: the qparams are fixed."""
         return state
 
     def calculate_qparams(self, state: tuple = ()) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -127,9 +131,14 @@ class PlaceholderObserver:
 
     def update(self, state: MinMaxState, x: Any) -> MinMaxState:
         """Remember the finite min/max of this batch only (a batch with none keeps the previous state)."""
-        lo, hi = finite_aminmax(x)
+        lo, hi = finite_aminmax(real_input(x, "PlaceholderObserver"))
         has_data = lo <= hi
         return MinMaxState(jnp.where(has_data, lo, state.min_val), jnp.where(has_data, hi, state.max_val))
+
+    def merge(self, state: MinMaxState, axis_names: Any, previous: MinMaxState | None = None) -> MinMaxState:
+        """Combine per-shard states inside ``shard_map``: ``pmin``/``pmax``, the min/max of the whole last
+        batch (a shard whose block has no finite value contributes the previous state)."""
+        return merge_minmax(state, axis_names)
 
     def calculate_qparams(self, state: MinMaxState) -> tuple[jnp.ndarray, jnp.ndarray]:
         """qparams of the last observed batch; raises for float dtypes, which have none."""

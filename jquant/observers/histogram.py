@@ -20,7 +20,7 @@ from jax import lax
 from jquant.numerics.exact import exact_divide, two_product, two_sum, unfused_multiply
 from jquant.numerics.qparams import FLOAT32_EPS
 from jquant.numerics.qtypes import is_float_qtype
-from jquant.observers._base import UniformObserverMixin, finite_aminmax
+from jquant.observers._base import UniformObserverMixin, finite_aminmax, real_input
 
 _BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int32": 32}
 
@@ -63,10 +63,17 @@ def torch_linspace(start: jnp.ndarray, end: jnp.ndarray, steps: int) -> jnp.ndar
     """
     start = jnp.asarray(start, jnp.float32)
     end = jnp.asarray(end, jnp.float32)
-    step = exact_divide(end - start, np.float32(steps - 1))
+    n = np.float32(steps - 1)
+    width = end - start
+    # A finite range whose width overflows float32 (+-3e38): halve the ends (exact) to get a finite step.
+    step = jnp.where(
+        jnp.isfinite(width), exact_divide(width, n), exact_divide(end * 0.5 - start * 0.5, n) * np.float32(2)
+    )
     index = jnp.arange(steps, dtype=jnp.float32)
-    lower = fma_f32(step, index, start)
-    upper = fma_f32(-step, np.float32(steps - 1) - index, end)
+    # fma_f32 splits its factors (times 4097), which overflows for steps above ~8e34: plain arithmetic there.
+    fusable = jnp.abs(step) < np.float32(2.0**100)
+    lower = jnp.where(fusable, fma_f32(step, index, start), start + step * index)
+    upper = jnp.where(fusable, fma_f32(-step, n - index, end), end - step * (n - index))
     return jnp.where(jnp.arange(steps) < steps // 2, lower, upper)
 
 
@@ -76,16 +83,26 @@ def _histc(x: jnp.ndarray, valid: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray,
     lo = jnp.where(same, lo - 1, lo)  # torch widens an empty range by 1 on both sides
     hi = jnp.where(same, hi + 1, hi)
     pos = exact_divide((x - lo) * np.float32(bins), jnp.broadcast_to(hi - lo, x.shape))
+    # Where the torch formula overflows (ranges near +-3.4e38), take the ratio of halved differences first.
+    wide = exact_divide(x * 0.5 - lo * 0.5, jnp.broadcast_to(hi * 0.5 - lo * 0.5, x.shape)) * np.float32(bins)
+    pos = jnp.where(jnp.isfinite((x - lo) * np.float32(bins)) & jnp.isfinite(hi - lo), pos, wide)
     pos = jnp.clip(jnp.trunc(pos), 0, bins - 1).astype(jnp.int32)  # the last bin includes its right edge
     inside = valid & (x >= lo) & (x <= hi)
     return jnp.zeros(bins, jnp.float32).at[pos].add(inside.astype(jnp.float32))
+
+
+def _safe_width(lo: jnp.ndarray, hi: jnp.ndarray, parts: int) -> jnp.ndarray:
+    """``(hi - lo) / parts`` (torch's rounding); where ``hi - lo`` overflows float32, from the halved ends."""
+    plain = exact_divide(hi - lo, np.float32(parts))
+    wide = exact_divide(hi * 0.5 - lo * 0.5, np.float32(parts)) * np.float32(2)
+    return jnp.where(jnp.isfinite(hi - lo), plain, wide)
 
 
 def _upscale(hist, orig_min, orig_max, new_min, new_max, bins: int, upsample_rate: int) -> jnp.ndarray:
     """torch's re-binning: split each bin into ``upsample_rate`` parts, move each part's midpoint."""
     fine = bins * upsample_rate
     parts = exact_divide(jnp.repeat(hist, upsample_rate), np.float32(upsample_rate))
-    part_width = exact_divide(orig_max - orig_min, np.float32(fine))
+    part_width = _safe_width(orig_min, orig_max, fine)
     midpoints = torch_linspace(orig_min, orig_max, fine + 1)[:-1] + np.float32(0.5) * part_width
     edges = torch_linspace(new_min, new_max, bins + 1)
     bucket = jnp.clip(jnp.searchsorted(edges, midpoints, side="right") - 1, 0, bins - 1)
@@ -136,6 +153,10 @@ def _search_bins(hist: np.ndarray, min_val: np.ndarray, max_val: np.ndarray, *, 
     if not (np.isfinite(min_val) and np.isfinite(max_val)):
         return np.int32(0), np.int32(bins - 1)
     bin_width = (max_val - min_val) / bins
+    if bin_width > 2.0**60:
+        # The float32 error terms (width**3) would overflow to inf/NaN and the search would run to the end;
+        # the chosen window does not depend on the unit, so measure the width in units of 2**k (exact).
+        bin_width = float(np.ldexp(bin_width, -int(np.frexp(bin_width)[1])))
     total = float(hist.sum(dtype=_F32))
     cumulative = np.cumsum(hist, dtype=np.float64).astype(_F32).tolist()  # torch accumulates cumsum in double
     alpha, beta, step = 0.0, 1.0, 1e-5
@@ -205,9 +226,20 @@ class HistogramObserver(UniformObserverMixin):
             jnp.zeros(self.bins, jnp.float32), jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(-jnp.inf, jnp.float32)
         )
 
+    def _carry(self, hist, cur_min, cur_max, new_min, new_max) -> jnp.ndarray:
+        """``hist`` (over ``[cur_min, cur_max]``) re-binned onto ``[new_min, new_max]`` as torch does when the
+        range grows: unchanged for the same range, exactly for a point mass, else upsampled; 0 when empty."""
+        empty = (cur_min == jnp.inf) | (cur_max == -jnp.inf)
+        same_range = (new_min == cur_min) & (new_max == cur_max)
+        point_mass = cur_min == cur_max  # the old histogram is one value: re-bin it exactly
+        point_hist = _histc(cur_min[None], jnp.ones(1, bool), new_min, new_max, self.bins) * jnp.sum(hist)
+        upscaled = _upscale(hist, cur_min, cur_max, new_min, new_max, self.bins, self.upsample_rate)
+        moved = jnp.where(same_range, hist, jnp.where(point_mass, point_hist, upscaled))
+        return jnp.where(empty, jnp.zeros_like(hist), moved)
+
     def update(self, state: HistogramState, x: Any) -> HistogramState:
         """Add the finite values of ``x``; re-bin the old histogram when the range grows."""
-        x = jnp.ravel(jnp.asarray(x, jnp.float32))
+        x = jnp.ravel(real_input(x, type(self).__name__).astype(jnp.float32))
         finite = jnp.isfinite(x)
         x_min, x_max = finite_aminmax(x)
         cur_min, cur_max, hist = state.min_val, state.max_val, state.histogram
@@ -215,24 +247,34 @@ class HistogramObserver(UniformObserverMixin):
         new_min = jnp.where(empty, x_min, jnp.minimum(cur_min, x_min))
         new_max = jnp.where(empty, x_max, jnp.maximum(cur_max, x_max))
         batch_hist = _histc(x, finite, new_min, new_max, self.bins)
-
-        same_range = (new_min == cur_min) & (new_max == cur_max)
-        point_mass = cur_min == cur_max  # the old histogram is one value: re-bin it exactly
-        point_hist = _histc(cur_min[None], jnp.ones(1, bool), new_min, new_max, self.bins) * jnp.sum(hist)
-        upscaled = _upscale(hist, cur_min, cur_max, new_min, new_max, self.bins, self.upsample_rate)
-        merged = jnp.where(
-            empty,
-            batch_hist,
-            jnp.where(
-                same_range, hist + batch_hist, jnp.where(point_mass, point_hist + batch_hist, batch_hist + upscaled)
-            ),
-        )
+        merged = batch_hist + self._carry(hist, cur_min, cur_max, new_min, new_max)
         has_data = x_min <= x_max
         return HistogramState(
             jnp.where(has_data, merged, hist),
             jnp.where(has_data, new_min, cur_min),
             jnp.where(has_data, new_max, cur_max),
         )
+
+    def merge(
+        self, state: HistogramState, axis_names: Any, previous: HistogramState | None = None
+    ) -> HistogramState:
+        """Combine per-shard states inside ``shard_map`` into the histogram of the whole batch.
+
+        Each shard updated ``previous`` (the replicated state every shard started from; ``None``: nothing
+        observed before) with its own block. The global range is the ``pmin``/``pmax`` of the shard ranges;
+        each shard's own counts (its histogram minus the re-binned ``previous``) are re-binned onto the global
+        range and summed with ``psum``; ``previous`` is re-binned onto it once. Counts are conserved exactly.
+        When every shard saw the global range the result equals the unsharded update; otherwise a shard's
+        counts move by at most one bin of the global histogram (the usual re-binning error).
+        """
+        if previous is None:
+            previous = self.init()
+        lo = lax.pmin(state.min_val, axis_names)
+        hi = lax.pmax(state.max_val, axis_names)
+        prev_here = self._carry(previous.histogram, previous.min_val, previous.max_val, state.min_val, state.max_val)
+        own = self._carry(state.histogram - prev_here, state.min_val, state.max_val, lo, hi)
+        base = self._carry(previous.histogram, previous.min_val, previous.max_val, lo, hi)
+        return HistogramState(base + lax.psum(own, axis_names), lo, hi)
 
     def search_range(self, state: HistogramState) -> tuple[jnp.ndarray, jnp.ndarray]:
         """The clipping range ``(new_min, new_max)`` chosen by torch's L2 search (``+inf, -inf`` if empty)."""
@@ -241,9 +283,17 @@ class HistogramObserver(UniformObserverMixin):
         start, end = jax.pure_callback(
             search, result, state.histogram, state.min_val, state.max_val, vmap_method="sequential"
         )
-        bin_width = exact_divide(state.max_val - state.min_val, np.float32(self.bins))
-        new_min = state.min_val + unfused_multiply(bin_width, start.astype(jnp.float32))
-        new_max = state.min_val + unfused_multiply(bin_width, (end + 1).astype(jnp.float32))
+        lo, hi = state.min_val, state.max_val
+        bin_width = exact_divide(hi - lo, np.float32(self.bins))
+        new_min = lo + unfused_multiply(bin_width, start.astype(jnp.float32))
+        new_max = lo + unfused_multiply(bin_width, (end + 1).astype(jnp.float32))
+        # A finite range whose width overflows float32 (+-3e38): step twice by half the offset, stay inside.
+        half = exact_divide(hi * 0.5 - lo * 0.5, np.float32(self.bins))
+        wide_min = lo + half * start.astype(jnp.float32) + half * start.astype(jnp.float32)
+        wide_max = lo + half * (end + 1).astype(jnp.float32) + half * (end + 1).astype(jnp.float32)
+        overflow = ~jnp.isfinite(hi - lo)
+        new_min = jnp.where(overflow, jnp.clip(wide_min, lo, hi), new_min)
+        new_max = jnp.where(overflow, jnp.clip(wide_max, lo, hi), new_max)
         empty = (state.min_val == jnp.inf) & (state.max_val == -jnp.inf)
         return jnp.where(empty, jnp.inf, new_min), jnp.where(empty, -jnp.inf, new_max)
 

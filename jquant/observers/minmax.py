@@ -27,13 +27,23 @@ from jquant.observers._base import (
     check_channels,
     empty_minmax_state,
     finite_aminmax,
+    merge_minmax,
     normalize_ch_axis,
+    real_input,
 )
 
 
 def _moving_average(old: jnp.ndarray, batch: jnp.ndarray, averaging_constant: float) -> jnp.ndarray:
-    """``old + c * (batch - old)`` rounded step by step in float32, as torch does (no FMA)."""
-    return old + unfused_multiply(np.float32(averaging_constant), batch - old)
+    """``old + c * (batch - old)`` rounded step by step in float32, as torch does (no FMA).
+
+    Where ``batch - old`` overflows (finite ranges near +-3.4e38; torch's state becomes inf, then NaN) the
+    convex combination ``(1 - c) * old + c * batch`` is used instead, clipped to ``[old, batch]``: the state
+    stays finite."""
+    c = np.float32(averaging_constant)
+    plain = old + unfused_multiply(c, batch - old)
+    convex = (np.float32(1) - c) * old + c * batch
+    convex = jnp.clip(convex, jnp.minimum(old, batch), jnp.maximum(old, batch))
+    return jnp.where(jnp.isfinite(batch - old), plain, convex)
 
 
 def _merge_moving_average(state: MinMaxState, lo: jnp.ndarray, hi: jnp.ndarray, c: float) -> MinMaxState:
@@ -70,8 +80,13 @@ class MinMaxObserver(UniformObserverMixin):
 
     def update(self, state: MinMaxState, x: Any) -> MinMaxState:
         """Widen the range to the finite min/max of ``x``."""
-        lo, hi = finite_aminmax(x)
+        lo, hi = finite_aminmax(real_input(x, type(self).__name__))
         return MinMaxState(jnp.minimum(state.min_val, lo), jnp.maximum(state.max_val, hi))
+
+    def merge(self, state: MinMaxState, axis_names: Any, previous: MinMaxState | None = None) -> MinMaxState:
+        """Combine per-shard states inside ``shard_map``: ``pmin``/``pmax`` over ``axis_names``; exactly the
+        state of observing the whole (unsharded) batch."""
+        return merge_minmax(state, axis_names)
 
     def calculate_qparams(self, state: MinMaxState) -> tuple[jnp.ndarray, jnp.ndarray]:
         """``(scale, zero_point)`` from the observed range; ``(1.0, 0)`` when nothing was observed."""
@@ -109,8 +124,15 @@ class MovingAverageMinMaxObserver(UniformObserverMixin):
         return empty_minmax_state(())
 
     def update(self, state: MinMaxState, x: Any) -> MinMaxState:
-        lo, hi = finite_aminmax(x)
+        lo, hi = finite_aminmax(real_input(x, type(self).__name__))
         return _merge_moving_average(state, lo, hi, self.averaging_constant)
+
+    def merge(self, state: MinMaxState, axis_names: Any, previous: MinMaxState | None = None) -> MinMaxState:
+        """Combine per-shard states (each shard moved the shared previous state toward its own block's range)
+        with ``pmin``/``pmax``. Every rounding step of the average is monotone in the batch statistic, so this
+        is exactly the unsharded update with the global batch min/max. A shard whose block holds no finite
+        value keeps the previous state, which then takes part in the ``pmin``/``pmax``."""
+        return merge_minmax(state, axis_names)
 
     def calculate_qparams(self, state: MinMaxState) -> tuple[jnp.ndarray, jnp.ndarray]:
         return self.qparams_from_range(state.min_val, state.max_val)
@@ -134,7 +156,7 @@ class _PerChannelMethods(UniformObserverMixin):
         return empty_minmax_state((shape[axis],))
 
     def _batch_range(self, state: MinMaxState, x: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-        x = jnp.asarray(x)
+        x = real_input(x, type(self).__name__)
         axis = check_channels(state.min_val.shape[-1], x.shape, self.ch_axis, type(self).__name__)
         return finite_aminmax(x, channel_reduce_axes(x.ndim, axis))
 
@@ -142,6 +164,11 @@ class _PerChannelMethods(UniformObserverMixin):
         """Widen each channel's range to the finite min/max of that channel of ``x``."""
         lo, hi = self._batch_range(state, x)
         return MinMaxState(jnp.minimum(state.min_val, lo), jnp.maximum(state.max_val, hi))
+
+    def merge(self, state: MinMaxState, axis_names: Any, previous: MinMaxState | None = None) -> MinMaxState:
+        """Combine per-shard states inside ``shard_map`` (channel axis not split): per-channel ``pmin``/``pmax``;
+        for the moving-average variant see ``MovingAverageMinMaxObserver.merge`` (same rule, same exactness)."""
+        return merge_minmax(state, axis_names)
 
     def calculate_qparams(self, state: MinMaxState) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Per-channel ``(scale, zero_point)``, each of shape ``(channels,)``."""

@@ -18,7 +18,9 @@ from jquant.observers._base import (
     check_channels,
     empty_minmax_state,
     finite_aminmax,
+    merge_minmax,
     normalize_ch_axis,
+    real_input,
 )
 
 
@@ -96,7 +98,7 @@ class MSEObserver(UniformObserverMixin):
 
     def update(self, state: MinMaxState, x: Any) -> MinMaxState:
         """Search the best shrunken range of this batch and widen the state to it."""
-        x = jnp.asarray(x, jnp.float32)
+        x = real_input(x, "MSEObserver").astype(jnp.float32)
         axis = None
         if self.per_channel:
             axis = check_channels(state.min_val.shape[-1], x.shape, self.ch_axis, "MSEObserver")
@@ -115,6 +117,12 @@ class MSEObserver(UniformObserverMixin):
             jnp.where(has_data, jnp.minimum(state.min_val, best_lo), state.min_val),
             jnp.where(has_data, jnp.maximum(state.max_val, best_hi), state.max_val),
         )
+
+    def merge(self, state: MinMaxState, axis_names: Any, previous: MinMaxState | None = None) -> MinMaxState:
+        """Combine per-shard states inside ``shard_map`` with ``pmin``/``pmax``: the result is the state of
+        observing each shard's block as a separate batch (the widest of the per-block ranges), not the
+        error-minimizing range of the whole batch; the two agree when the blocks are statistically alike."""
+        return merge_minmax(state, axis_names)
 
     def calculate_qparams(self, state: MinMaxState) -> tuple[jnp.ndarray, jnp.ndarray]:
         return self.qparams_from_range(state.min_val, state.max_val)

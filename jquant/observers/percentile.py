@@ -15,7 +15,9 @@ from jquant.observers._base import (
     channel_reduce_axes,
     check_channels,
     empty_minmax_state,
+    merge_minmax,
     normalize_ch_axis,
+    real_input,
 )
 
 
@@ -61,7 +63,7 @@ class PercentileObserver(UniformObserverMixin):
         return empty_minmax_state((shape[normalize_ch_axis(self.ch_axis, shape, "PercentileObserver")],))
 
     def _batch_range(self, state: MinMaxState, x: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-        x = jnp.asarray(x, jnp.float32)
+        x = real_input(x, "PercentileObserver").astype(jnp.float32)
         axes = None
         if self.per_channel:
             axis = check_channels(state.min_val.shape[-1], x.shape, self.ch_axis, "PercentileObserver")
@@ -81,6 +83,12 @@ class PercentileObserver(UniformObserverMixin):
     def update(self, state: MinMaxState, x: Any) -> MinMaxState:
         lo, hi = self._batch_range(state, x)
         return MinMaxState(jnp.minimum(state.min_val, lo), jnp.maximum(state.max_val, hi))
+
+    def merge(self, state: MinMaxState, axis_names: Any, previous: MinMaxState | None = None) -> MinMaxState:
+        """Combine per-shard states inside ``shard_map`` with ``pmin``/``pmax``: the result is the state of
+        observing each shard's block as a separate batch (the widest of the per-block ranges), not the percentile of
+        the whole batch; the two agree when the blocks are statistically alike."""
+        return merge_minmax(state, axis_names)
 
     def calculate_qparams(self, state: MinMaxState) -> tuple[jnp.ndarray, jnp.ndarray]:
         return self.qparams_from_range(state.min_val, state.max_val)
