@@ -30,6 +30,7 @@ from interop.errors import InteropError
 from interop.names import canonical_key, split_name, strip_collection
 from interop.qparams import QParamRecord, QParamTable
 from jquant.numerics.qtypes import qrange
+from jquant.transform.slots import LearnableSlot, ObservedSlot
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def qparams_to_qstate(
     sites = list(sites)
     by_name = {s.name: s for s in sites}
     links = list(links) if links is not None else link_sites(table, sites, qstate=qstate)
-    out = {name: {k: dict(v) for k, v in slots.items()} for name, slots in qstate.items()}
+    out = {name: dict(slots) for name, slots in qstate.items()}
     problems = []
     filled = set()
     for lk in links:
@@ -176,19 +177,22 @@ def qparams_to_qstate(
         slot = out.get(lk.site, {}).get(lk.key)
         if slot is None:
             raise InteropError(f"link {lk}: qstate has no slot {lk.site!r}/{lk.key!r}")
-        if "learnable" in slot:
+        if isinstance(slot, LearnableSlot):
             raise InteropError(f"{lk.site}/{lk.key}: LSQ slots are not supported by import yet")
         note = _check_spec(rec, _spec_of(by_name[lk.site], lk.key), f"{lk.site}/{lk.key}")
         if note:
             problems.append(note)
-        slot["scale"] = _fit(rec.scale, slot["scale"], np.float32, f"{lk.site}/{lk.key} scale", rec)
-        slot["zero_point"] = _fit(rec.zero_point, slot["zero_point"], np.int32, f"{lk.site}/{lk.key} zero_point", rec)
-        obs = slot.get("observer")
+        obs = slot.observer
         if rec.min_val is not None and hasattr(obs, "_replace") and hasattr(obs, "min_val"):
-            slot["observer"] = obs._replace(
+            obs = obs._replace(
                 min_val=_fit(rec.min_val, obs.min_val, np.float32, f"{lk.site}/{lk.key} min_val", rec),
                 max_val=_fit(rec.max_val, obs.max_val, np.float32, f"{lk.site}/{lk.key} max_val", rec),
             )
+        out[lk.site][lk.key] = ObservedSlot(
+            observer=obs,
+            scale=_fit(rec.scale, slot.scale, np.float32, f"{lk.site}/{lk.key} scale", rec),
+            zero_point=_fit(rec.zero_point, slot.zero_point, np.int32, f"{lk.site}/{lk.key} zero_point", rec),
+        )
         filled.add((lk.site, lk.key))
     empty = [f"{s}/{k}" for s, slots in qstate.items() for k in slots if (s, k) not in filled]
     if empty:
@@ -225,14 +229,14 @@ def qstate_to_qparams(qstate: Mapping[str, Any], sites: Iterable[Any], links: Se
         slot = qstate[lk.site][lk.key]
         spec = _spec_of(by_name[lk.site], lk.key)
         lo, hi = qrange(spec.dtype, spec.quant_min, spec.quant_max)
-        obs = slot.get("observer")
+        obs = slot.observer
         has_mm = hasattr(obs, "min_val")
-        per_channel = np.size(slot["scale"]) > 1 or "per_channel" in spec.qscheme
+        per_channel = np.size(slot.scale) > 1 or "per_channel" in spec.qscheme
         table.setdefault(lk.torch_module, {})[lk.torch_role] = QParamRecord(
             module=lk.torch_module,
             role=lk.torch_role,
-            scale=np.asarray(slot["scale"]),
-            zero_point=np.asarray(slot["zero_point"]),
+            scale=np.asarray(slot.scale),
+            zero_point=np.asarray(slot.zero_point),
             axis=0 if per_channel else None,
             dtype=spec.dtype,
             qscheme=spec.qscheme,

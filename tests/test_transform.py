@@ -84,8 +84,8 @@ def test_sites_names_roles_and_qstate_layout():
     assert site.roles == ("input", "weight") and site.shapes == ((6, 8), (8, 16))
     assert site.operand("weight").out_axes == (1,) and site.operand("weight").param_path == "w1"
     slot = qstate["w1/dot_general"]["weight"]
-    assert slot["scale"].shape == (16,) and slot["zero_point"].dtype == jnp.int32
-    assert qstate["w1/dot_general"]["input"]["scale"].shape == ()
+    assert slot.scale.shape == (16,) and slot.zero_point.dtype == jnp.int32
+    assert qstate["w1/dot_general"]["input"].scale.shape == ()
 
 
 def test_empty_config_is_bitwise_identical_outputs_and_gradients():
@@ -135,7 +135,7 @@ def test_qat_updates_observers_and_fake_quantizes_with_new_qparams():
     out, new = qf.apply(qstate, p, x, mode="qat")
     # One QAT step from empty observers: each observer sees this batch as it arrives (after earlier fake quant).
     np.testing.assert_array_equal(out, reference_on_the_fly(p, x))
-    np.testing.assert_array_equal(new["w1/dot_general"]["input"]["observer"].min_val, jnp.min(x))
+    np.testing.assert_array_equal(new["w1/dot_general"]["input"].observer.min_val, jnp.min(x))
 
 
 def test_under_jit_and_vmap():
@@ -185,7 +185,7 @@ def test_int4_groupwise_weight_only():
     qf = quantize(mlp, presets.int4_weight_only(group_size=4))
     qstate = qf.init(p, x)
     _, qstate = qf.apply(qstate, p, x, mode="calibrate")
-    assert qstate["w1/dot_general"]["weight"]["scale"].shape == (16 * 2,)  # 16 columns x 2 groups of 4 rows
+    assert qstate["w1/dot_general"]["weight"].scale.shape == (16 * 2,)  # 16 columns x 2 groups of 4 rows
     out, _ = qf.apply(qstate, p, x, mode="eval")
 
     def group_fq(w):  # (K, N): groups of 4 along K, per output column
@@ -214,14 +214,14 @@ def test_lsq_qparams_are_learnable():
         return jnp.sum(out**2)
 
     g_params, g_learn = jax.grad(loss, argnums=(0, 1))(p, learn)
-    assert float(jnp.abs(g_learn["w1/dot_general"]["input"]["scale"])) > 0
-    assert float(jnp.abs(g_learn["w2/dot_general"]["weight"]["scale"]).sum()) > 0
+    assert float(jnp.abs(g_learn["w1/dot_general"]["input"].scale)) > 0
+    assert float(jnp.abs(g_learn["w2/dot_general"]["weight"].scale).sum()) > 0
     assert float(jnp.abs(g_params["w1"]).sum()) > 0
     _, after_qat = qf.apply(qstate, p, x * 3, mode="qat")
     # QAT leaves the LSQ qparams to training.
     jax.tree_util.tree_map(np.testing.assert_array_equal, learnable_params(after_qat), learnable_params(qstate))
-    old_max = float(qstate["w1/dot_general"]["input"]["observer"].max_val)
-    new_max = float(after_qat["w1/dot_general"]["input"]["observer"].max_val)
+    old_max = float(qstate["w1/dot_general"]["input"].observer.max_val)
+    new_max = float(after_qat["w1/dot_general"]["input"].observer.max_val)
     assert new_max == pytest.approx(old_max + 0.01 * (float((x * 3).max()) - old_max))  # moving average observer
     # LSQ forward equals the STE fake quant with the same (integer-valued) qparams.
     out_lsq, _ = qf.apply(qstate, p, x, mode="eval")

@@ -71,7 +71,7 @@ def test_elementwise_sites_shared_and_fixed_specs():
     _, qstate = qf.apply(qstate, p, x, mode="calibrate")
     a, b = x @ p["w"], x @ p["v"] * 2
     lo, hi = min(a.min(), b.min()), max(a.max(), b.max())  # one observer sees both inputs
-    np.testing.assert_allclose(qstate["concatenate"]["input0"]["observer"].min_val, lo)
+    np.testing.assert_allclose(qstate["concatenate"]["input0"].observer.min_val, lo)
     out, _ = qf.apply(qstate, p, x, mode="eval")
     s, z = qparams(lo, hi)
     cat = jnp.concatenate([fake_quantize_affine(a, s, z), fake_quantize_affine(b, s, z)], axis=1)
@@ -160,7 +160,7 @@ def test_qstate_with_wrong_leaf_shape():
     p, x = setup()
     qf = quantize(lambda p, x: x @ p["w"])
     qstate = qf.init(p, x)
-    qstate["w/dot_general"]["weight"]["scale"] = jnp.ones(3)
+    qstate["w/dot_general"]["weight"] = qstate["w/dot_general"]["weight"]._replace(scale=jnp.ones(3))
     with pytest.raises(ValueError, match="w/dot_general"):
         qf.apply(qstate, p, x)
 
@@ -203,5 +203,5 @@ def test_observer_by_short_name_histogram():
     _, qstate = qf.apply(qstate, p, x, mode="calibrate")
     obs = HistogramObserver(dtype="uint8", qscheme="per_tensor_affine")
     expected = obs.calculate_qparams(obs.update(obs.init(x), x))
-    got = qstate["w/dot_general"]["input"]["scale"], qstate["w/dot_general"]["input"]["zero_point"]
+    got = qstate["w/dot_general"]["input"].scale, qstate["w/dot_general"]["input"].zero_point
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)

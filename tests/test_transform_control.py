@@ -44,7 +44,7 @@ def test_lax_scan_over_stacked_weights_per_iteration_stats():
         mins.append(float(h.min()))
         ref = jnp.tanh(fq_act(ref, h.min(), h.max()) @ fq_weight(p["ws"][i]))
         h = jnp.tanh(h @ p["ws"][i])
-    np.testing.assert_allclose(qstate[site.name]["input"]["observer"].min_val, mins, rtol=1e-6)
+    np.testing.assert_allclose(qstate[site.name]["input"].observer.min_val, mins, rtol=1e-6)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -58,10 +58,10 @@ def test_cond_interprets_every_branch_and_threads_states():
     qstate = qf.init(p, x, 1.0)
     assert sorted(s.name for s in qf.sites) == ["a/dot_general", "b/dot_general"]
     _, qstate = qf.apply(qstate, p, x, 1.0, mode="calibrate")
-    assert np.isinf(qstate["b/dot_general"]["input"]["observer"].min_val)  # branch not taken: nothing observed
-    np.testing.assert_allclose(qstate["a/dot_general"]["input"]["observer"].min_val, x.min())
+    assert np.isinf(qstate["b/dot_general"]["input"].observer.min_val)  # branch not taken: nothing observed
+    np.testing.assert_allclose(qstate["a/dot_general"]["input"].observer.min_val, x.min())
     _, qstate = qf.apply(qstate, p, x, -1.0, mode="calibrate")
-    np.testing.assert_allclose(qstate["b/dot_general"]["input"]["observer"].max_val, 2 * x.max())
+    np.testing.assert_allclose(qstate["b/dot_general"]["input"].observer.max_val, 2 * x.max())
     out, _ = qf.apply(qstate, p, x, -1.0, mode="eval")
     np.testing.assert_allclose(out, fq_act(x * 2, 2 * x.min(), 2 * x.max()) @ fq_weight(p["b"]), rtol=1e-6)
 
@@ -81,8 +81,8 @@ def test_while_loop_merges_statistics_over_iterations():
     for _ in range(2):
         hs.append(jnp.tanh(hs[-1] @ p["c"]))
     lo, hi = min(float(h.min()) for h in hs), max(float(h.max()) for h in hs)
-    np.testing.assert_allclose(qstate[site.name]["input"]["observer"].min_val, lo, rtol=1e-6)
-    np.testing.assert_allclose(qstate[site.name]["input"]["observer"].max_val, hi, rtol=1e-6)
+    np.testing.assert_allclose(qstate[site.name]["input"].observer.min_val, lo, rtol=1e-6)
+    np.testing.assert_allclose(qstate[site.name]["input"].observer.max_val, hi, rtol=1e-6)
 
 
 def test_fori_loop_and_checkpoint_with_gradients():

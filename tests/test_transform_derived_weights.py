@@ -23,7 +23,7 @@ def test_bn_folded_conv_kernel_is_a_weight_with_per_channel_qparams():
     assert weight.role == "weight" and "ConvBN_0/kernel" in weight.param_path
     assert weight.out_axes == (3,)  # HWIO: one scale per output channel
     _, qstate = qf.apply(qstate, variables, x + 1.0, mode="calibrate")
-    scale = np.asarray(qstate[conv.name][weight.key]["scale"])
+    scale = np.asarray(qstate[conv.name][weight.key].scale)
     assert scale.size == 16
 
 

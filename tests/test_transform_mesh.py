@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
           "w2": jax.device_put(p["w2"], NamedSharding(mesh, P("model", None)))}
     calibrate = jax.jit(lambda qs, p, x: qf.apply(qs, p, x, mode="calibrate"))
     _, state = calibrate(qstate, ps, xs)
-    obs = state["w1/dot_general"]["input"]["observer"]
+    obs = state["w1/dot_general"]["input"].observer
     assert float(obs.min_val) == float(x.min()) and float(obs.max_val) == float(x.max()), "global stats"
     jax.tree_util.tree_map(np.testing.assert_array_equal, state, ref_state)
     out, _ = jax.jit(lambda qs, p, x: qf.apply(qs, p, x, mode="eval"))(state, ps, xs)
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
     _, qs2 = jax.jit(lambda qs, p, x: qf2.apply(qs, p, x, mode="calibrate"))(qs2, ps, xs)
     (name,) = qs2
     print("SITE", name)
-    obs = qs2[name]["input"]["observer"]
+    obs = qs2[name]["input"].observer
     assert float(obs.min_val) == float(x.min()) and float(obs.max_val) == float(x.max()), (obs, x.min(), x.max())
     out2, _ = jax.jit(lambda qs, p, x: qf2.apply(qs, p, x, mode="eval"))(qs2, ps, xs)
     qf3 = quantize(lambda p, x: x @ p["w1"])

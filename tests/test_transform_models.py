@@ -83,7 +83,7 @@ def test_linen_cnn_with_batchnorm_matches_hand_written():
     ]
     conv1 = qf.sites[1]
     assert conv1.operand("weight").out_axes == (3,)  # HWIO kernel: output features on the last dim
-    assert qstate["CNN/Conv_1/conv_general_dilated"]["weight"]["scale"].shape == (6,)
+    assert qstate["CNN/Conv_1/conv_general_dilated"]["weight"].scale.shape == (6,)
 
     _, qstate = qf.apply(qstate, variables, x, mode="calibrate")
     out, _ = qf.apply(qstate, variables, x, mode="eval")
@@ -110,7 +110,7 @@ def test_linen_conv_transpose_and_depthwise_channel_axis():
     names = [s.name for s in qf.sites]
     assert names == ["Net/Conv_0/conv_general_dilated", "Net/ConvTranspose_0/conv_general_dilated"]
     kernel = v["params"]["ConvTranspose_0"]["kernel"]  # (2, 2, 4, 3): HWIO
-    scale = qstate[names[1]]["weight"]["scale"]
+    scale = qstate[names[1]]["weight"].scale
     expected, _ = choose_qparams(
         kernel.min(axis=(0, 1, 2)), kernel.max(axis=(0, 1, 2)), dtype="int8", qscheme="per_channel_symmetric"
     )
@@ -220,10 +220,10 @@ def test_nn_scan_stack_gets_per_layer_statistics():
     slot = qstate[site.name]
     h = x
     for layer in range(3):
-        np.testing.assert_array_equal(slot["input"]["observer"].min_val[layer], h.min())
-        np.testing.assert_array_equal(slot["weight"]["observer"].max_val[layer], kernels[layer].max(axis=0))
+        np.testing.assert_array_equal(slot["input"].observer.min_val[layer], h.min())
+        np.testing.assert_array_equal(slot["weight"].observer.max_val[layer], kernels[layer].max(axis=0))
         h = jax.nn.relu(h @ kernels[layer] + biases[layer])
-    assert len(set(np.asarray(slot["input"]["scale"]).tolist())) == 3  # one scale per layer
+    assert len(set(np.asarray(slot["input"].scale).tolist())) == 3  # one scale per layer
 
     out, _ = qf.apply(qstate, v, x, mode="eval")
     hand, hs = HandFakeQuant(), [x]

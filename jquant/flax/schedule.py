@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-MODES = ("calibrate", "qat", "eval")
+from jquant.transform.handler import MODES
 
 
 @dataclasses.dataclass(frozen=True)

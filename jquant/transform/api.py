@@ -25,10 +25,10 @@ from functools import partial
 from typing import Any
 
 import jax
-from jax._src import source_info_util
+from jax.extend import source_info_util
 
-from jquant.transform.int8_qat import Int8QATHandler
 from jquant.transform.handler import QuantizeHandler, check_mode
+from jquant.transform.int8_qat import Int8QATHandler
 from jquant.transform.interpreter import interpret
 from jquant.transform.plan import Plan, build_plan
 from jquant.transform.sites import Site, path_to_name

@@ -40,6 +40,7 @@ from jquant.kernels.weights import QuantizedWeight, canonical_matrix, tree_nbyte
 from jquant.numerics.affine import quantize_affine, reciprocal
 from jquant.numerics.packing import pack_int4
 from jquant.numerics.qschemes import is_symmetric
+from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.sites import Site, path_to_name
@@ -340,7 +341,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
             scale, zp = _stacked(_slot_qparams, len(site.stack))(qstate[name][x_key])
             entry["input"] = {"scale": scale, "zero_point": zp, "inv_scale": reciprocal(scale)}
         elif sp.kind == "dequantize":
-            entry["eval"] = {k: _eval_slot(v) for k, v in qstate[name].items()}
+            entry["eval"] = dict(qstate[name])
         site_states[name] = entry
 
     # 3. drop the float weight leaves that only fed converted sites.
@@ -348,7 +349,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     converted_paths = {sites[n].operands[p.weight_index].param_path for n, p in plans.items()}
     w_leaves, w_treedef = jax.tree_util.tree_flatten_with_path(weights)
     kept = [None if path_to_name(path) in converted_paths else leaf for path, leaf in w_leaves]
-    out_tree = plan.out_tree or jax.tree_util.tree_structure(jax.eval_shape(qf.fn, *args))
+    out_tree = plan.out_tree
     handler = IntHandler(plans, weight_only_impl=weight_only_impl, conv_impl=conv_impl, pad_batch_one=pad_batch_one)
     placeholders = [jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)) for _, leaf in w_leaves]
 
@@ -379,21 +380,10 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     return wrapped, int_params
 
 
-def _eval_slot(slot: dict) -> dict:
-    """A slot reduced to what eval mode reads (qparams; observers are not needed after calibration)."""
-    if "learnable" in slot:
-        return {"observer": slot["observer"], "learnable": slot["learnable"]}
-    return {"observer": slot["observer"], "scale": slot["scale"], "zero_point": slot["zero_point"]}
-
-
 def _restore_used(run, kept, originals, site_states, args, argnum):
     """Put back float leaves still read outside converted sites (e.g. a tied embedding also used by a gather)."""
     dropped = [i for i, v in enumerate(kept) if v is None]
     if not dropped:
-        return kept
-    try:
-        from jax._src.interpreters.partial_eval import dce_jaxpr
-    except ImportError:  # private API moved: keep the conservative answer (all dropped leaves unused)
         return kept
     rest = tuple(a for i, a in enumerate(args) if i != argnum)
 
@@ -404,7 +394,7 @@ def _restore_used(run, kept, originals, site_states, args, argnum):
         return run(stored, sites, *rest_args)
 
     closed = jax.make_jaxpr(probe)([originals[i] for i in dropped], kept, site_states, *rest)
-    _, used = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    used = used_inputs(closed.jaxpr)
     restored = list(kept)
     for i, is_used in zip(dropped, used[: len(dropped)], strict=True):
         if is_used:

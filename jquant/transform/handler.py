@@ -130,15 +130,18 @@ class QuantizeHandler:
             outs[0] = self._output(site, out_spec, outs[0], state, qparams, scope)
         return outs, state
 
-    def refresh(self, site: Site, state: dict) -> dict:
-        """Recompute the qparams of every observed slot from its (merged) observer state."""
+    def merge(self, site: Site, state: dict, previous: dict, axis_names: tuple) -> dict:
+        """Inside ``shard_map``: combine each slot's per-shard observer state with the observer's ``merge``
+        (``previous``: the replicated state every shard started from), then recompute the qparams."""
         if self.mode == "eval":
             return state
         state = dict(state)
         for key, spec in site.specs.items():
             if stateful(spec):
                 layout = layout_of(site, key, spec)
-                state[key] = slots.observe(spec, layout, state[key], [], set_learnable=self.mode == "calibrate")
+                observer = slots.observer_for(spec, layout)
+                merged = observer.merge(state[key].observer, axis_names, previous[key].observer)
+                state[key] = slots.with_observer_state(spec, layout, state[key], merged, self.mode == "calibrate")
         return state
 
     def _derived(self, site, key, spec: DerivedQuantizationSpec, x, qparams, scope):

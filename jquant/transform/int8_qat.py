@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jquant.kernels.dot import DotLayout
@@ -29,9 +28,8 @@ from jquant.numerics.qschemes import is_symmetric
 from jquant.numerics.qtypes import qrange
 from jquant.transform import slots
 from jquant.transform.handler import QuantizeHandler, layout_of
-from jquant.transform.interpreter import interpret
+from jquant.transform.higher_order import zero_tangents
 from jquant.transform.specs import QuantizationSpec
-from jquant.transform.state import validate_qstate
 
 
 def _grid(x, scale, zero_point, qmin, qmax):
@@ -102,15 +100,8 @@ def _bwd(x_range, w_range, int8_backward, residuals, dy):
         dx_full, dw_full = dy @ fw.T, fx.T @ dy
     dx = jnp.where(mask_x, dx_full, 0.0).astype(x.dtype)
     dw = jnp.where(mask_w, dw_full, 0.0).astype(w.dtype)
-    return dx, dw, jnp.zeros_like(x_scale), _zero_cotangent(x_zero_point), jnp.zeros_like(w_scale), \
-        _zero_cotangent(w_zero_point)
-
-
-def _zero_cotangent(value):
-    value = jnp.asarray(value)
-    if jnp.issubdtype(value.dtype, jnp.floating):
-        return jnp.zeros_like(value)
-    return np.zeros(value.shape, dtype=jax.dtypes.float0)
+    return dx, dw, jnp.zeros_like(x_scale), zero_tangents(x_zero_point), jnp.zeros_like(w_scale), \
+        zero_tangents(w_zero_point)
 
 
 qat_int8_matmul.defvjp(_fwd, _bwd)

@@ -20,18 +20,14 @@ Hook (used by the quantize transform and by ``jquant.convert``)::
   the sites already run in the same scope (for ``DerivedQuantizationSpec`` "producer:" references).
   It returns ``outvals`` (a list, one per ``eqn.outvars``; they are cast back to the outvar dtypes) and
   the site's new state (same pytree structure and dtypes: it may be a loop carry). ``bind_eqn(eqn,
-  invals)`` runs the original equation. Optional: ``handler.refresh(site, site_state) -> site_state``,
-  called after per-shard states are merged at a ``shard_map`` boundary.
+  invals)`` runs the original equation. Optional: ``handler.merge(site, new_state, old_state, axis_names)
+  -> site_state``, called inside ``shard_map`` to combine the per-shard states of a site.
 - Every other equation is re-bound unchanged, so under ``jit`` the result compiles to the same HLO as the
   hand-written program; higher-order equations without quantized sites inside are re-bound as they are.
 
-Higher-order primitives: ``jit``/``pjit`` (inlined), ``scan`` (site states are scan xs/ys: per-iteration
-statistics, e.g. one per stacked layer), ``cond`` (every branch is interpreted and receives every branch's
-site states), ``while`` (site states are loop carries: statistics merged over iterations, since the trip
-count is unknown; the loop predicate is never quantized), ``checkpoint``/remat (policy kept),
-``custom_jvp_call``/``custom_vjp_call`` (the body is quantized; derivatives use the function's own
-custom rule evaluated at the float inputs) and ``shard_map`` (site states enter and leave replicated; see
-``_shard_map``). Any other primitive with a sub-jaxpr raises ``UnsupportedPrimitiveError`` at plan time.
+Higher-order primitives (jit, scan, cond, while, remat, custom_jvp/vjp, shard_map) follow the rule table
+of ``jquant.transform.higher_order``, which also holds their discovery rules. Any other primitive with a
+sub-jaxpr raises ``UnsupportedPrimitiveError`` at plan time.
 """
 
 from __future__ import annotations
@@ -40,14 +36,13 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax._src import source_info_util
+from jax.extend import source_info_util
 from jax.extend.core import Literal
 
-from jquant.transform.plan import JIT_PRIMITIVES, Plan
+from jquant.transform.higher_order import rule_for, sub_jaxpr
+from jquant.transform.plan import Plan
 from jquant.transform.sites import Site
 
 SiteHandler = Callable[[Site, Any, list, Any, Mapping[str, Any]], tuple[list, Any]]
@@ -82,16 +77,6 @@ def _cast_like(values: list, outvars: list) -> list:
     return cast
 
 
-def _zero_tangents(tree):
-    def zero(x):
-        x = jnp.asarray(x)
-        if jnp.issubdtype(x.dtype, jnp.inexact):
-            return jnp.zeros_like(x)
-        return np.zeros(x.shape, jax.dtypes.float0)
-
-    return jax.tree_util.tree_map(zero, tree)
-
-
 class _Walker:
     def __init__(self, plan: Plan, handler: SiteHandler):
         self.plan = plan
@@ -123,152 +108,34 @@ class _Walker:
                 env[var] = value
         return [read(v) for v in jaxpr.outvars], states
 
-    # -- higher-order equations with quantized sites inside ------------------------------------------------
+    # -- what the higher-order rules call ----------------------------------------------------------------
     def higher_order(self, eqn, invals, states):
-        name = eqn.primitive.name
+        rule = rule_for(eqn.primitive)
+        if rule.inline:
+            return rule.interpret(self, eqn, invals, states)
         names = self.plan.inner[id(eqn)]
-        if name in JIT_PRIMITIVES:
-            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            return self.run(closed.jaxpr, closed.consts, invals, states)
-        inner = {n: states[n] for n in names}
-        rule = getattr(self, "_" + name.replace("remat2", "checkpoint"))
-        outs, new_inner = rule(eqn, invals, inner)
+        outs, new_inner = rule.interpret(self, eqn, invals, {n: states[n] for n in names})
         states = dict(states)
         states.update(new_inner)
         return outs, states
 
-    def _body(self, closed_or_open):
-        jaxpr = getattr(closed_or_open, "jaxpr", closed_or_open)
-        consts = list(getattr(closed_or_open, "consts", []))
+    def body(self, closed_or_open) -> Callable[[list, dict], tuple[list, dict]]:
+        """``f(args, site_states) -> (outs, site_states)`` running a sub-jaxpr through this interpreter."""
+        jaxpr, consts = sub_jaxpr(closed_or_open)
 
-        def body(args, inner):
+        def run(args, inner):
             return self.run(jaxpr, consts, list(args), dict(inner))
 
-        return body
+        return run
 
-    def _scan(self, eqn, invals, inner):
-        p = eqn.params
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
-        consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
-        body = self._body(p["jaxpr"])
+    @staticmethod
+    def bind(eqn, invals: list) -> list:
+        return bind_eqn(eqn, invals)
 
-        def step(carry, x):
-            xs_i, inner_i = x
-            outs, new_inner = body([*consts, *carry, *xs_i], inner_i)
-            return outs[:n_carry], (outs[n_carry:], new_inner)
-
-        carry, (ys, new_inner) = lax.scan(
-            step, list(init), (list(xs), inner), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
-        )
-        return [*carry, *ys], new_inner
-
-    def _cond(self, eqn, invals, inner):
-        index, operands = invals[0], invals[1:]
-        branches = [self._body(b) for b in eqn.params["branches"]]
-        return lax.switch(index, branches, list(operands), inner)
-
-    def _while(self, eqn, invals, inner):
-        p = eqn.params
-        n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
-        cond_consts, body_consts, init = invals[:n_cond], invals[n_cond : n_cond + n_body], invals[n_cond + n_body :]
-        cond_jaxpr, body = p["cond_jaxpr"], self._body(p["body_jaxpr"])
-
-        def cond_fn(val):
-            carry, _ = val
-            return jax.core.eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, *cond_consts, *carry)[0]
-
-        def body_fn(val):
-            carry, states = val
-            return body([*body_consts, *carry], states)
-
-        return lax.while_loop(cond_fn, body_fn, (list(init), inner))
-
-    def _checkpoint(self, eqn, invals, inner):
-        p = eqn.params
-        fn = jax.checkpoint(self._body(p["jaxpr"]), prevent_cse=p["prevent_cse"], policy=p["policy"])
-        return fn(invals, inner)
-
-    def _custom_jvp_call(self, eqn, invals, inner):
-        body = self._body(eqn.params["call_jaxpr"])
-
-        @jax.custom_jvp
-        def quantized(args, states):
-            return body(args, states)
-
-        @quantized.defjvp
-        def jvp(primals, tangents):
-            args, states = primals
-            arg_tangents, _ = tangents
-            outs, new_states = quantized(args, states)
-            # The function's own derivative rule, evaluated at the float inputs (straight-through).
-            _, out_tangents = jax.jvp(lambda *a: bind_eqn(eqn, list(a)), tuple(args), tuple(arg_tangents))
-            return (outs, new_states), (list(out_tangents), _zero_tangents(new_states))
-
-        return quantized(list(invals), inner)
-
-    def _custom_vjp_call(self, eqn, invals, inner):
-        body = self._body(eqn.params["call_jaxpr"])
-
-        @jax.custom_vjp
-        def quantized(args, states):
-            return body(args, states)
-
-        def fwd(args, states):
-            return quantized(args, states), (args, states)
-
-        def bwd(residuals, cotangents):
-            args, states = residuals
-            out_cts, _ = cotangents
-            _, vjp = jax.vjp(lambda *a: bind_eqn(eqn, list(a)), *args)
-            return list(vjp(list(out_cts))), _zero_tangents(states)
-
-        quantized.defvjp(fwd, bwd)
-        return quantized(list(invals), inner)
-
-    def _shard_map(self, eqn, invals, inner):
-        """Site states enter replicated; updated states leave replicated after a cross-shard merge.
-
-        Each shard observes its own block; leaves named ``min_val`` / ``max_val`` (the min/max observers) are
-        merged with ``pmin`` / ``pmax`` over the manual axes, which gives the global statistics; other leaves
-        take shard 0's value, then ``handler.refresh(site, state)`` (when the handler has one) recomputes
-        derived values such as qparams from the merged statistics. Within the call itself, fake quant uses
-        each shard's own qparams (calibrate first, or use eval mode, for exact global qparams).
-        """
-        from jax.sharding import PartitionSpec
-
-        p = eqn.params
-        manual = p.get("newly_manual_axes") or p.get("manual_axes") or p["mesh"].axis_names
-        axes = tuple(a for a in p["mesh"].axis_names if a in set(manual))
-        body = self._body(p["jaxpr"])
-        replicated = jax.tree_util.tree_map(lambda _: PartitionSpec(), inner)
-
-        def run(args, states):
-            outs, new_states = body(args, states)
-            return outs, _merge_across(new_states, states, axes)
-
-        fn = jax.shard_map(
-            run,
-            mesh=p["mesh"],
-            in_specs=(list(p["in_specs"]), replicated),
-            out_specs=(list(p["out_specs"]), replicated),
-            check_vma=False,
-            axis_names=set(axes),
-        )
-        outs, new_inner = fn(list(invals), inner)
-        refresh = getattr(self.handler, "refresh", None)
-        if refresh is not None:
-            sites = {s.name: s for s in self.plan.sites}
-            new_inner = {name: refresh(sites[name], state) for name, state in new_inner.items()}
-        return outs, new_inner
-
-
-def _merge_across(new_states, old_states, axes):
-    def merge(path, new, old):
-        keys = [getattr(k, "name", getattr(k, "key", "")) for k in path]
-        if "min_val" in keys:
-            return lax.pmin(new, axes)
-        if "max_val" in keys:
-            return lax.pmax(new, axes)
-        return new
-
-    return jax.tree_util.tree_map_with_path(merge, new_states, old_states)
+    def merge_shards(self, new_states: dict, old_states: dict, axis_names: tuple) -> dict:
+        """Per-shard site states combined across ``axis_names`` by the handler (unchanged without ``merge``)."""
+        merge = getattr(self.handler, "merge", None)
+        if merge is None:
+            return new_states
+        sites = self.plan.site_by_name
+        return {n: merge(sites[n], state, old_states[n], axis_names) for n, state in new_states.items()}

@@ -17,6 +17,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from jquant.transform import dataflow
 from jquant.transform.dataflow import ACTIVATION, VarInfo
+from jquant.transform.higher_order import Scope, known_names, rule_for
 from jquant.transform.sites import Namer, Operand, Site, clean_name_stack, role_keys, site_base_name
 from jquant.transform.specs import (
     DEFAULT_PRIMITIVES,
@@ -24,19 +25,6 @@ from jquant.transform.specs import (
     QuantizationSpec,
     Rule,
     SharedQuantizationSpec,
-)
-
-JIT_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call")
-REMAT_PRIMITIVES = ("checkpoint", "remat2")
-KNOWN_HIGHER_ORDER = (
-    *JIT_PRIMITIVES,
-    *REMAT_PRIMITIVES,
-    "scan",
-    "cond",
-    "while",
-    "custom_jvp_call",
-    "custom_vjp_call",
-    "shard_map",
 )
 
 
@@ -59,6 +47,10 @@ class Plan:
     def quantized_sites(self) -> list[Site]:
         return [s for s in self.sites if s.quantized]
 
+    @property
+    def site_by_name(self) -> dict[str, Site]:
+        return {s.name: s for s in self.sites}
+
 
 def _sub_jaxprs(params: dict) -> list:
     found = []
@@ -66,16 +58,6 @@ def _sub_jaxprs(params: dict) -> list:
         values = value if isinstance(value, tuple | list) else (value,)
         found.extend(v for v in values if isinstance(v, Jaxpr | ClosedJaxpr))
     return found
-
-
-def _open(jaxpr) -> tuple[Jaxpr, list]:
-    if isinstance(jaxpr, ClosedJaxpr):
-        return jaxpr.jaxpr, list(jaxpr.consts)
-    return jaxpr, []
-
-
-def _join(prefix: str, name: str) -> str:
-    return "/".join(p for p in (prefix, name) if p)
 
 
 def _is_float(aval) -> bool:
@@ -94,7 +76,7 @@ class _Discovery:
         self.keepalive: list = []  # equations whose id() keys the plan
 
     # -- walking -------------------------------------------------------------------------------------------
-    def walk(self, jaxpr: Jaxpr, in_infos, prefix: str, stack: tuple[int, ...], in_while: bool):
+    def walk(self, jaxpr: Jaxpr, in_infos, ctx: Scope):
         """Returns (output infos, names of quantized sites found in this jaxpr, recursively)."""
         env = {v: dataflow.CONSTANT for v in jaxpr.constvars}  # closed-over arrays: constants, not activations
         env.update(zip(jaxpr.invars, in_infos, strict=True))
@@ -104,12 +86,12 @@ class _Discovery:
             name = eqn.primitive.name
             out_infos = [ACTIVATION] * len(eqn.outvars)
             if name in self.candidates:
-                site = self.make_site(eqn, infos, prefix, stack, in_while)
+                site = self.make_site(eqn, infos, ctx)
                 if site.quantized:
                     names.append(site.name)
                     out_infos = [VarInfo(producer=site.name)] * len(eqn.outvars)
             elif self.rules and _sub_jaxprs(eqn.params):  # config=[]: nothing to look for
-                out_infos, inner = self.walk_higher_order(eqn, infos, prefix, stack, in_while)
+                out_infos, inner = self.walk_higher_order(eqn, infos, ctx)
                 if inner:
                     self.inner[id(eqn)] = tuple(inner)
                     self.keepalive.append(eqn)
@@ -121,40 +103,15 @@ class _Discovery:
             env.update(zip(eqn.outvars, out_infos, strict=True))
         return [dataflow.read_info(env, v) for v in jaxpr.outvars], names
 
-    def walk_higher_order(self, eqn, infos, prefix, stack, in_while):
-        name, params = eqn.primitive.name, eqn.params
-        child_prefix = _join(prefix, clean_name_stack(str(eqn.source_info.name_stack)))
-        scoped = [dataflow.entering_scope(i) for i in infos]
-        no_outputs = [ACTIVATION] * len(eqn.outvars)
-        if name in JIT_PRIMITIVES:  # inlined by the interpreter: same scope, producers carry over
-            sub = _open(params.get("jaxpr", params.get("call_jaxpr")))[0]
-            return self.walk(sub, infos, child_prefix, stack, in_while)
-        if name in REMAT_PRIMITIVES or name in ("custom_jvp_call", "custom_vjp_call", "shard_map"):
-            key = "call_jaxpr" if name.startswith("custom_") else "jaxpr"
-            outs, inner = self.walk(_open(params[key])[0], scoped, child_prefix, stack, in_while)
-            return [dataflow.entering_scope(o) for o in outs], inner
-        if name == "scan":
-            n_consts, n_carry = params["num_consts"], params["num_carry"]
-            body_infos = scoped[:n_consts] + [ACTIVATION] * n_carry + scoped[n_consts + n_carry :]
-            _, inner = self.walk(params["jaxpr"].jaxpr, body_infos, child_prefix, (*stack, params["length"]), in_while)
-            return no_outputs, inner
-        if name == "cond":
-            inner: list[str] = []
-            for branch in params["branches"]:
-                _, found = self.walk(branch.jaxpr, scoped[1:], child_prefix, stack, in_while)
-                inner.extend(found)
-            return no_outputs, inner
-        if name == "while":
-            n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
-            body_infos = scoped[n_cond : n_cond + n_body] + [ACTIVATION] * (len(infos) - n_cond - n_body)
-            # The loop condition only yields a predicate: it is never quantized.
-            _, inner = self.walk(params["body_jaxpr"].jaxpr, body_infos, child_prefix, stack, True)
-            return no_outputs, inner
-        raise UnsupportedPrimitiveError(
-            f"jquant.quantize: primitive {name!r} carries a sub-jaxpr that jquant does not know how to interpret "
-            f"(known: {', '.join(KNOWN_HIGHER_ORDER)}). Move it out of the quantized function, or use config=[] "
-            "for this function."
-        )
+    def walk_higher_order(self, eqn, infos, ctx: Scope):
+        rule = rule_for(eqn.primitive)
+        if rule is None:
+            raise UnsupportedPrimitiveError(
+                f"jquant.quantize: primitive {eqn.primitive.name!r} carries a sub-jaxpr that jquant does not know "
+                f"how to interpret (known: {', '.join(known_names())}). Move it out of the quantized function, "
+                "use config=[] for this function, or add a rule to jquant.transform.higher_order.RULES."
+            )
+        return rule.discover(self, eqn, infos, ctx.enter(name=clean_name_stack(str(eqn.source_info.name_stack))))
 
     # -- sites ---------------------------------------------------------------------------------------------
     def match(self, site_name: str, primitive: str) -> Rule | None:
@@ -164,9 +121,9 @@ class _Discovery:
                 return rule
         return None
 
-    def make_site(self, eqn, infos, prefix, stack, in_while) -> Site:
+    def make_site(self, eqn, infos, ctx: Scope) -> Site:
         prim = eqn.primitive.name
-        name_stack = _join(prefix, clean_name_stack(str(eqn.source_info.name_stack)))
+        name_stack = ctx.enter(name=clean_name_stack(str(eqn.source_info.name_stack))).prefix
         positions = [i for i, v in enumerate(eqn.invars) if not isinstance(v, Literal) and _is_float(v.aval)]
         roles = ["weight" if infos[i].param_path is not None else "input" for i in positions]
         weight_path = next((infos[i].param_path for i in positions if infos[i].param_path is not None), None)
@@ -211,8 +168,8 @@ class _Discovery:
             output_dtype=str(out_aval.dtype),
             output_spec=output_spec,
             rule=rule,
-            stack=stack,
-            in_while=in_while,
+            stack=ctx.stack,
+            in_while=ctx.in_while,
         )
         self.sites.append(site)
         if site.quantized:
@@ -273,7 +230,7 @@ def build_plan(closed: ClosedJaxpr, arg_paths: list[str | None], rules: tuple[Ru
     """Discover, name and configure the sites of ``closed``; ``arg_paths`` marks the weight inputs."""
     discovery = _Discovery(rules)
     in_infos = [VarInfo(param_path=p) for p in arg_paths]
-    discovery.walk(closed.jaxpr, in_infos, "", (), False)
+    discovery.walk(closed.jaxpr, in_infos, Scope())
     unmatched = tuple(r for i, r in enumerate(rules) if i not in discovery.used_rules)
     if unmatched:
         names = [s.name for s in discovery.sites]

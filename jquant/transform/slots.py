@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,32 @@ from jquant.numerics.lsq import (
 from jquant.numerics.qtypes import qrange
 from jquant.observers import get_observer
 from jquant.transform.specs import QuantizationSpec
+
+
+class QParams(NamedTuple):
+    """A scale and zero point (per tensor, or one entry per channel / row of the layout)."""
+
+    scale: jax.Array
+    zero_point: jax.Array
+
+
+class ObservedSlot(NamedTuple):
+    """State of one observed tensor: the observer's state and the qparams computed from it."""
+
+    observer: Any
+    scale: jax.Array
+    zero_point: jax.Array
+
+
+class LearnableSlot(NamedTuple):
+    """State of one LSQ tensor: the observer's state and trainable float32 qparams (see ``learnable_params``)."""
+
+    observer: Any
+    scale: jax.Array
+    zero_point: jax.Array
+
+
+Slot = ObservedSlot | LearnableSlot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,42 +117,43 @@ def _qparam_axis(layout: Layout) -> int | None:
     return None if layout.axis is None else (0 if layout.perm is not None else layout.axis)
 
 
-def init_slot(spec: QuantizationSpec, layout: Layout, dtype: Any) -> dict:
+def init_slot(spec: QuantizationSpec, layout: Layout, dtype: Any) -> Slot:
     """Empty observer state and the qparams of an unobserved tensor (scale 1, zero point 0).
 
-    LSQ slots keep their trainable qparams under ``"learnable"`` (float scale and zero point).
+    LSQ specs get a ``LearnableSlot`` (float32 scale and zero point, trained by the caller).
     """
     observer = observer_for(spec, layout)
     state = observer.init(jnp.zeros(layout.view_shape, dtype))
     scale, zero_point = observer.calculate_qparams(state)
     if spec.fake_quant == "lsq":
-        learnable = {"scale": jnp.asarray(scale, jnp.float32), "zero_point": jnp.asarray(zero_point, jnp.float32)}
-        return {"observer": state, "learnable": learnable}
-    return {"observer": state, "scale": scale, "zero_point": zero_point}
+        return LearnableSlot(state, jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.float32))
+    return ObservedSlot(state, scale, zero_point)
 
 
-def slot_qparams(slot: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
-    if "learnable" in slot:
-        return slot["learnable"]["scale"], slot["learnable"]["zero_point"]
-    return slot["scale"], slot["zero_point"]
+def slot_qparams(slot: Slot) -> QParams:
+    return QParams(slot.scale, slot.zero_point)
 
 
-def observe(spec: QuantizationSpec, layout: Layout, slot: dict, xs: list, set_learnable: bool) -> dict:
+def observe(spec: QuantizationSpec, layout: Layout, slot: Slot, xs: list, set_learnable: bool) -> Slot:
     """Update the observer with every tensor in ``xs`` (no gradient) and refresh the qparams.
 
     LSQ qparams are only overwritten when ``set_learnable`` (calibration); during QAT they are trained.
     """
     observer = observer_for(spec, layout)
-    state = slot["observer"]
+    state = slot.observer
     for x in xs:
         state = observer.update(state, jax.lax.stop_gradient(layout.to_view(x)))
-    scale, zero_point = observer.calculate_qparams(state)
-    if "learnable" in slot:
-        learnable = slot["learnable"]
+    return with_observer_state(spec, layout, slot, state, set_learnable)
+
+
+def with_observer_state(spec: QuantizationSpec, layout: Layout, slot: Slot, state: Any, set_learnable: bool) -> Slot:
+    """``slot`` with observer state ``state`` and the qparams recomputed from it (LSQ: only if ``set_learnable``)."""
+    scale, zero_point = observer_for(spec, layout).calculate_qparams(state)
+    if isinstance(slot, LearnableSlot):
         if set_learnable:
-            learnable = {"scale": scale.astype(jnp.float32), "zero_point": zero_point.astype(jnp.float32)}
-        return {"observer": state, "learnable": learnable}
-    return {"observer": state, "scale": scale, "zero_point": zero_point}
+            return LearnableSlot(state, scale.astype(jnp.float32), zero_point.astype(jnp.float32))
+        return slot._replace(observer=state)
+    return ObservedSlot(state, scale, zero_point)
 
 
 def dynamic_qparams(spec: QuantizationSpec, layout: Layout, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -1,15 +1,16 @@
 """The qstate pytree: layout, creation, validation and the learnable (LSQ) part.
 
-Layout (a plain nested dict, so it jits, checkpoints and prints well)::
+Layout (nested dicts keyed by site name and role, typed slots as leaves' containers; it jits, checkpoints
+and prints well)::
 
     qstate = {
         "<site name>": {                      # every quantized site, even one without state ({})
-            "<role key>": {                   # "weight", "input", "input0", ..., "output"
-                "observer": <observer state>, # e.g. MinMaxState(min_val, max_val)
-                "scale": f32[...],            # qparams from the last calibrate/qat call
-                "zero_point": i32[...],
-            },
-            "<LSQ role key>": {"observer": ..., "learnable": {"scale": f32[...], "zero_point": f32[...]}},
+            "<role key>": ObservedSlot(       # role keys: "weight", "input", "input0", ..., "output"
+                observer=<observer state>,    # e.g. MinMaxState(min_val, max_val)
+                scale=f32[...],               # qparams from the last calibrate/qat call
+                zero_point=i32[...],
+            ),
+            "<LSQ role key>": LearnableSlot(observer=..., scale=f32[...], zero_point=f32[...]),  # trained
         },
     }
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from jquant.transform.handler import init_site_state
 from jquant.transform.plan import Plan
+from jquant.transform.slots import LearnableSlot, QParams
 
 
 def init_qstate(plan: Plan) -> dict:
@@ -70,7 +72,7 @@ def validate_qstate(qstate: Any, plan: Plan) -> None:
 
 
 def learnable_params(qstate: dict) -> dict:
-    """The LSQ qparams of ``qstate``: ``{site: {key: {"scale", "zero_point"}}}`` (float; differentiate these).
+    """The LSQ qparams of ``qstate``: ``{site: {key: QParams(scale, zero_point)}}`` (float; differentiate these).
 
     Typical QAT step::
 
@@ -81,8 +83,12 @@ def learnable_params(qstate: dict) -> dict:
             params, learnable_params(qstate))
     """
     out = {}
-    for site, slots in qstate.items():
-        learn = {key: slot["learnable"] for key, slot in slots.items() if "learnable" in slot}
+    for site, site_slots in qstate.items():
+        learn = {
+            key: QParams(slot.scale, slot.zero_point)
+            for key, slot in site_slots.items()
+            if isinstance(slot, LearnableSlot)
+        }
         if learn:
             out[site] = learn
     return out
@@ -90,12 +96,14 @@ def learnable_params(qstate: dict) -> dict:
 
 def merge_learnable(qstate: dict, learnable: dict) -> dict:
     """A copy of ``qstate`` with the LSQ qparams replaced by ``learnable`` (as from ``learnable_params``)."""
-    merged = {site: dict(slots) for site, slots in qstate.items()}
-    for site, slots in learnable.items():
+    merged = {site: dict(site_slots) for site, site_slots in qstate.items()}
+    for site, site_slots in learnable.items():
         if site not in merged:
             raise ValueError(f"merge_learnable: site {site!r} is not in qstate")
-        for key, value in slots.items():
-            if "learnable" not in merged[site].get(key, {}):
+        for key, value in site_slots.items():
+            slot = merged[site].get(key)
+            if not isinstance(slot, LearnableSlot):
                 raise ValueError(f"merge_learnable: qstate[{site!r}][{key!r}] has no learnable qparams")
-            merged[site][key] = {**merged[site][key], "learnable": value}
+            scale, zero_point = value
+            merged[site][key] = slot._replace(scale=scale, zero_point=zero_point)
     return merged
