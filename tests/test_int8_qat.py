@@ -139,3 +139,23 @@ def test_training_with_fast_path_matches_fake_quant_training():
     drift = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p_fast), jax.tree.leaves(p_fq),
                                                                 strict=True))
     assert drift < 0.05  # same numerics: the two runs only differ by float rounding of the rescale
+
+
+def test_fallback_site_updates_observers_once_like_plain_qat():
+    """A per-channel weight axis that is contracted cannot run the int8 path: the site falls back to fake
+    quant and its observers must see each tensor exactly once (moving-average ranges equal plain QAT's)."""
+    weight = jquant.QuantizationSpec("int8", "per_channel_symmetric", ch_axis=0)  # axis 0 of (K, N) is contracted
+    act = jquant.QuantizationSpec("int8", "per_tensor_affine", observer="moving_average")
+    qf = jquant.quantize(lambda p, x: x @ p["w"], jquant.Rule(weight=weight, inputs=act))
+    params = {"w": jnp.asarray(RNG.standard_normal((16, 8)), jnp.float32)}
+    x0 = jnp.asarray(RNG.standard_normal((4, 16)), jnp.float32)
+    x1 = jnp.asarray(RNG.standard_normal((4, 16)) * 3, jnp.float32)
+    qstate = qf.init(params, x0)
+    _, plain = qf.apply(qstate, params, x0, mode="qat")
+    _, plain = qf.apply(plain, params, x1, mode="qat")
+    _, fast = qf.apply(qstate, params, x0, mode="qat", int8_forward=True)
+    _, fast = qf.apply(fast, params, x1, mode="qat", int8_forward=True)
+    name = "w/dot_general"
+    for key in ("input", "weight"):
+        np.testing.assert_array_equal(fast[name][key].observer.min_val, plain[name][key].observer.min_val)
+        np.testing.assert_array_equal(fast[name][key].observer.max_val, plain[name][key].observer.max_val)

@@ -143,7 +143,11 @@ class Int8QATHandler(QuantizeHandler):
         w_op, x_op = ops
         w, x = invals[w_op.index], invals[x_op.index]
         w_layout = layout_of(site, w_op.key, w_op.spec)
-        if w_layout.perm is not None:  # multi-dim per-channel weights: not on the fast path
+        side = "rhs" if w_op.index == 1 else "lhs"
+        layout = DotLayout.of(x.ndim, w.ndim, eqn.params["dimension_numbers"], side)
+        # Multi-dim per-channel weights, or a per-channel axis that is contracted: not on the fast path.
+        # Decided before observing, so a fallback site updates its observers exactly once (as plain QAT).
+        if w_layout.perm is not None or (w_layout.axis is not None and w_layout.axis not in layout.w_free):
             return super().__call__(site, eqn, invals, state, scope)
         state = dict(state)
         for op, value in ((w_op, w), (x_op, x)):
@@ -151,14 +155,10 @@ class Int8QATHandler(QuantizeHandler):
             state[op.key] = slots.observe(op.spec, layout, state[op.key], [value], set_learnable=False)
         x_scale, x_zp = slots.slot_qparams(state[x_op.key])
         w_scale, _ = slots.slot_qparams(state[w_op.key])
-        side = "rhs" if w_op.index == 1 else "lhs"
-        layout = DotLayout.of(x.ndim, w.ndim, eqn.params["dimension_numbers"], side)
         free_shape = [w.shape[a] for a in layout.w_free]
         if w_layout.axis is None:
             w_scale_n = jnp.asarray(w_scale, jnp.float32).reshape(())
         else:
-            if w_layout.axis not in layout.w_free:
-                return super().__call__(site, eqn, invals, state, scope)
             expand = [1] * len(free_shape)
             position = layout.w_free.index(w_layout.axis)
             expand[position] = free_shape[position]
