@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jquant.kernels import native
 from jquant.kernels.weights import QuantizedWeight
 
 _FORMAT = "jquant.int_params.v1"
@@ -95,12 +96,15 @@ def load_int_params(path: str | Path) -> Any:
     return _decode(json.loads(metadata["tree"]), tensors)
 
 
-def export_int_fn(int_fn: Callable, int_params: Any, *args: Any) -> bytes:
+def export_int_fn(int_fn: Callable, int_params: Any, *args: Any, native_kernels: bool = False) -> bytes:
     """Serialize ``jit(int_fn)(int_params, *args)`` with ``jax.export``: StableHLO with the int8 ops.
 
     The bytes are jax's own serialization (``Exported.serialize``), for ``load_exported``; shapes and dtypes of
     ``int_params`` and ``args`` (arrays) are fixed, and the reloaded function returns the output leaves (one
     array, or a list for several outputs).
+    By default the portable XLA form of the kernels is exported. ``native_kernels=True`` keeps jquant's native CPU
+    kernels (custom calls ``jquant_*``): the artifact then runs only on CPU, in a process that has registered
+    them (``load_exported`` does).
     """
     leaves, treedef = jax.tree.flatten(int_params)
 
@@ -108,7 +112,17 @@ def export_int_fn(int_fn: Callable, int_params: Any, *args: Any) -> bytes:
         out = jax.tree.leaves(int_fn(jax.tree.unflatten(treedef, param_leaves), *inputs))
         return out[0] if len(out) == 1 else out
 
-    exported = jax.export.export(jax.jit(flat_fn))(leaves, *args)
+    if native_kernels:
+        exported = jax.export.export(jax.jit(flat_fn), disabled_checks=native.export_safety_checks())(leaves, *args)
+    else:
+        with native.xla_kernels():
+            try:
+                exported = jax.export.export(jax.jit(flat_fn))(leaves, *args)
+            except ValueError as err:  # a jit inside int_fn reused a trace made with the native kernels
+                if "jquant_" not in str(err):
+                    raise
+                jax.clear_caches()
+                exported = jax.export.export(jax.jit(flat_fn))(leaves, *args)
     if exported.ordered_effects or exported.unordered_effects or exported.nr_devices != 1:
         raise ValueError("int_fn: only single-device functions without side effects can be exported")
     return bytes(exported.serialize())
@@ -124,6 +138,11 @@ def load_exported(blob: bytes) -> Callable:
     except Exception as err:  # flatbuffers raises assorted errors on foreign or truncated bytes
         raise ValueError(f"blob: not a serialized jax.export function ({type(err).__name__}: {err})") from err
     num_leaves = len(exported.in_tree.children()[0].children()[0].children())
+    if "jquant_" in exported.mlir_module() and not native.register():
+        raise RuntimeError(
+            "blob: this function was exported with jquant's native CPU kernels (custom calls jquant_*), which cannot "
+            f"be registered in this process ({native.backend()}); export it with native_kernels=False for the "
+            "portable XLA form")
 
     def call(int_params, *args):
         leaves = jax.tree.leaves(int_params)
