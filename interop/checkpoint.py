@@ -45,6 +45,11 @@ def load_torch_checkpoint(path: str | os.PathLike, *, progress: bool = False) ->
         path = _find_in_directory(path)
     if path.endswith(".index.json"):
         return _load_sharded(path, progress)
+    return _load_file(path, progress)
+
+
+def _load_file(path: str, progress: bool) -> dict[str, Value]:
+    """One checkpoint file (a shard index is not a file here: shards never point at other indexes)."""
     if path.endswith(".safetensors"):
         tensors, _ = read_safetensors(path)
         return dict(tensors)
@@ -64,23 +69,54 @@ def _find_in_directory(directory: str) -> str:
     raise CheckpointError(f"{directory}: directory holds none of {', '.join(INDEX_FILES + SINGLE_FILES)}")
 
 
-def _load_sharded(index_path: str, progress: bool) -> dict[str, Value]:
+def shard_files(index_path: str) -> dict[str, list[str]]:
+    """``{shard path: [keys]}`` of a shard index, validated: ``weight_map`` must map names to file names
+    inside the index's folder (no absolute paths, no ``..``, no symlinks leading out, no other index)."""
     try:
         with open(index_path) as fh:
-            weight_map = json.load(fh)["weight_map"]
+            index = json.load(fh)
     except FileNotFoundError as err:
         raise CheckpointError(f"{index_path}: file not found") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index_path}: not a shard index (needs a 'weight_map' object): {err}") from err
-    base = os.path.dirname(index_path)
-    shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{index_path}: not a shard index (invalid JSON: {err})") from err
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        got = type(weight_map).__name__ if isinstance(index, dict) and "weight_map" in index else "none"
+        raise CheckpointError(
+            f"{index_path}: not a shard index: 'weight_map' must be an object mapping tensor names to shard "
+            f"files, got {got}"
+        )
+    base = os.path.realpath(os.path.dirname(os.path.abspath(index_path)))
+    own = os.path.realpath(index_path)
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] must be a shard file name, got {shard!r}")
+        if not key:
+            raise CheckpointError(f"{index_path}: weight_map has an empty tensor name (for shard {shard!r})")
+        shard_path = os.path.realpath(os.path.join(base, shard))
+        if os.path.isabs(shard) or os.path.commonpath([base, shard_path]) != base:
+            raise CheckpointError(
+                f"{index_path}: weight_map[{key!r}] = {shard!r} points outside the checkpoint folder {base}; "
+                "shards must be files next to the index"
+            )
+        if shard_path == own or shard.endswith(".index.json"):
+            raise CheckpointError(
+                f"{index_path}: weight_map[{key!r}] = {shard!r} is a shard index itself; shards must be "
+                ".safetensors or .bin/.pt files"
+            )
+        shards.setdefault(shard_path, []).append(key)
+    return shards
+
+
+def _load_sharded(index_path: str, progress: bool) -> dict[str, Value]:
+    shards = shard_files(index_path)
     out: dict[str, Value] = {}
-    for shard in _progress(shards, progress, "shards"):
-        shard_path = os.path.join(base, shard)
+    for shard_path in _progress(sorted(shards), progress, "shards"):
         if not os.path.exists(shard_path):
             raise CheckpointError(f"{shard_path}: shard listed in {index_path} is missing")
-        loaded = load_torch_checkpoint(shard_path)
-        expected = [k for k, v in weight_map.items() if v == shard]
+        loaded = _load_file(shard_path, False)
+        expected = shards[shard_path]
         missing = [k for k in expected if k not in loaded]
         if missing:
             raise CheckpointError(f"{shard_path}: keys listed in {index_path} are missing: {missing[:10]}")
@@ -111,7 +147,33 @@ def _load_pickle(path: str, progress: bool) -> dict[str, Value]:
         raise CheckpointError(f"{path}: truncated or corrupted torch checkpoint ({_first_line(err)})") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj)}")
+    _check_memory(obj, path)
     return state_dict_to_numpy(obj, path, progress=progress)
+
+
+# Converted tensors may share storages (tied weights); beyond this many bytes per byte of file it is refused.
+_MAX_BYTES_PER_FILE_BYTE = 16
+
+
+def _check_memory(obj: Mapping[str, Any], path: str) -> None:
+    """Refuse before any copy: views larger than their storage, and a total far beyond the file size."""
+    from interop.tensors import check_plain_tensor
+
+    torch = require_torch()
+    flat: dict[str, Any] = {}
+    _flatten(obj, "", flat, path)
+    total = 0
+    for key, value in flat.items():
+        if isinstance(value, torch.Tensor):
+            check_plain_tensor(value, f"{path}:{key}")
+            total += value.numel() * value.element_size()
+    limit = _MAX_BYTES_PER_FILE_BYTE * os.path.getsize(path) + (64 << 20)
+    if total > limit:
+        raise CheckpointError(
+            f"{path}: its tensors would take {total} bytes in memory, more than {_MAX_BYTES_PER_FILE_BYTE}x the "
+            f"file size ({os.path.getsize(path)} bytes): many entries view the same storage. Save independent "
+            "tensors (t.clone()) instead"
+        )
 
 
 def state_dict_to_numpy(
@@ -128,23 +190,44 @@ def state_dict_to_numpy(
     return out
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, Any], path: str) -> None:
+def _flatten(
+    obj: Any, prefix: str, out: dict[str, Any], path: str, origins: dict[str, str] | None = None, where: str = ""
+) -> None:
+    """Flatten nested dicts with ``.``; two entries that flatten to one name (``{"fc.weight": a, "fc":
+    {"weight": b}}``) or an empty name are errors naming both entries."""
+    origins = {} if origins is None else origins
     if isinstance(obj, Mapping):
         for key, value in obj.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, path)
+            if isinstance(key, int) and not isinstance(key, bool):
+                key = str(key)
+            if not isinstance(key, str) or not key:
+                raise CheckpointError(
+                    f"{path}: entry {where + f'[{key!r}]'} has an empty or non-string name; every state_dict "
+                    "key must be a non-empty string"
+                )
+            _flatten(value, f"{prefix}.{key}" if prefix else key, out, path, origins, where + f"[{key!r}]")
     elif isinstance(obj, tuple) and len(obj) == 2 and f".{prefix}".endswith(_PACKED):
         module = f".{prefix}"[: -len(_PACKED)].lstrip(".")
         dot = "." if module else ""
         weight, bias = obj
-        out[f"{module}{dot}weight"] = weight
+        _put(out, origins, f"{module}{dot}weight", weight, where + "[0]", path)
         if bias is not None:
-            out[f"{module}{dot}bias"] = bias
+            _put(out, origins, f"{module}{dot}bias", bias, where + "[1]", path)
     elif obj is None or isinstance(obj, list | tuple):
         raise CheckpointError(
             f"{path}: entry {prefix!r} is {type(obj).__name__}, not a tensor; pass a state_dict of tensors"
         )
     else:
-        out[prefix] = obj
+        _put(out, origins, prefix, obj, where, path)
+
+
+def _put(out: dict[str, Any], origins: dict[str, str], name: str, value: Any, where: str, path: str) -> None:
+    if name in out:
+        raise CheckpointError(
+            f"{path}: entries {origins[name]} and {where} both flatten to the name {name!r}; rename one of them"
+        )
+    out[name] = value
+    origins[name] = where
 
 
 def _first_line(err: BaseException) -> str:

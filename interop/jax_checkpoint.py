@@ -5,7 +5,8 @@ extras) so that converting back to torch is exact:
 
 * safetensors: tensors under ``/``-joined paths (``params/layers_0/kernel``); the record in the string
   metadata under ``jquant.mapping`` (JSON) and extras as tensors under ``__torch_extra__/<name>``;
-* msgpack: ``{"variables": tree, "jquant": {"mapping": json, "extras": {...}}}`` (flax.serialization);
+* msgpack: ``{"variables": tree, "jquant": {"mapping": json, "extras": {...}}}`` (flax.serialization;
+  restore it with ``flax.serialization.msgpack_restore(data)["variables"]``);
 * orbax: a directory written by ``orbax.checkpoint.PyTreeCheckpointer`` holding the tree, and a
   ``jquant_mapping.json`` file next to orbax's own files.
 Every write is atomic (temporary path in the destination directory, then ``os.replace``).
@@ -35,9 +36,13 @@ def _record_json(entries: list[MappingEntry], extras_names: list[str]) -> str:
     return json.dumps({"version": 1, "entries": rows, "extras": extras_names})
 
 
-def _parse_record(text: str | None, source: str) -> list[MappingEntry] | None:
+def _parse_record(text: Any, source: str) -> list[MappingEntry] | None:
     if text is None:
         return None
+    if not isinstance(text, str | bytes):
+        raise CheckpointError(
+            f"{source}: corrupted jquant mapping record: 'mapping' must be a JSON string, got {type(text).__name__}"
+        )
     try:
         rows = json.loads(text)["entries"]
         return [MappingEntry(r[0], r[1], r[2], tuple(r[3]), tuple(r[4]), r[5]) for r in rows]
@@ -79,7 +84,10 @@ def save_jax_checkpoint(
     extras = extras or {}
     record = _record_json(entries or [], sorted(extras))
     if fmt == "safetensors":
-        flat = {k: np.asarray(v) for k, v in flatten_tree(tree).items()}
+        flat = {k: np.asarray(v) for k, v in flatten_tree(tree, source=path).items()}
+        clash = [k for k in flat if k.startswith(_EXTRA)]
+        if clash:
+            raise CheckpointError(f"{path}: tree path {clash[0]!r} uses the prefix {_EXTRA!r} reserved for extras")
         flat.update({_EXTRA + k: np.asarray(v) for k, v in extras.items()})
         with atomic_path(path) as tmp:
             write_safetensors(tmp, flat, {"jquant.mapping": record})
@@ -113,7 +121,7 @@ def load_jax_checkpoint(
     if fmt == "safetensors":
         flat, metadata = read_safetensors(path)
         extras = {k[len(_EXTRA) :]: v for k, v in flat.items() if k.startswith(_EXTRA)}
-        tree = unflatten_tree({k: v for k, v in flat.items() if not k.startswith(_EXTRA)})
+        tree = unflatten_tree({k: v for k, v in flat.items() if not k.startswith(_EXTRA)}, source=path)
         return tree, _parse_record(metadata.get("jquant.mapping"), path), extras
     if fmt == "msgpack":
         from flax import serialization
@@ -125,7 +133,20 @@ def load_jax_checkpoint(
             raise CheckpointError(f"{path}: not a readable flax msgpack file ({err})") from err
         if isinstance(payload, dict) and "variables" in payload and "jquant" in payload:
             meta = payload["jquant"]
-            return payload["variables"], _parse_record(meta.get("mapping"), path), dict(meta.get("extras", {}))
+            if not isinstance(meta, dict):
+                raise CheckpointError(
+                    f"{path}: key 'jquant' must hold the conversion record (a dict with 'mapping' and 'extras'), "
+                    f"got {type(meta).__name__}"
+                )
+            extras = meta.get("extras", {})
+            if not isinstance(extras, dict):
+                raise CheckpointError(f"{path}: key 'jquant/extras' must be a dict, got {type(extras).__name__}")
+            variables = payload["variables"]
+            if not isinstance(variables, dict):
+                raise CheckpointError(f"{path}: key 'variables' must be a dict, got {type(variables).__name__}")
+            return variables, _parse_record(meta.get("mapping"), path), dict(extras)
+        if not isinstance(payload, dict):
+            raise CheckpointError(f"{path}: expected a dict of variables, got {type(payload).__name__}")
         return payload, None, {}
     ocp = _orbax()
     try:
@@ -135,5 +156,7 @@ def load_jax_checkpoint(
     record_path = os.path.join(path, _MAPPING_FILE)
     record = open(record_path).read() if os.path.exists(record_path) else None
     if record is not None:
+        if not isinstance(restored, dict) or not isinstance(restored.get("variables"), dict):
+            raise CheckpointError(f"{path}: has {_MAPPING_FILE} but no 'variables' dict")
         return restored["variables"], _parse_record(record, record_path), dict(restored.get("extras", {}))
     return restored, None, {}

@@ -28,6 +28,7 @@ def to_numpy(value: Any, key: str = "<value>") -> np.ndarray | QuantizedTensor |
     torch.dtype / torch.qscheme -> its name, python number -> 0-d ndarray."""
     torch = require_torch()
     if isinstance(value, torch.Tensor):
+        check_plain_tensor(value, key)
         # clone: .numpy() on a view of the caller's tensor would make its storage non-resizable, and torch's
         # fake quants resize their scale buffers when a per-channel state_dict is loaded into them
         t = value.detach().cpu()
@@ -48,6 +49,30 @@ def to_numpy(value: Any, key: str = "<value>") -> np.ndarray | QuantizedTensor |
     if isinstance(value, bool | int | float):
         return np.asarray(value)
     raise TypeError(f"{key}: unsupported checkpoint value of type {type(value).__name__}")
+
+
+def check_plain_tensor(t: Any, key: str = "<value>") -> None:
+    """Refuse tensors that hold no plain dense data: meta (shape only), sparse and nested tensors, and views
+    with more elements than their storage holds (``expand``ed or overlapping strides: materializing them
+    would allocate far more memory than the checkpoint file holds)."""
+    torch = require_torch()
+    if t.is_nested:
+        raise TypeError(f"{key}: is a nested tensor; only dense tensors can be converted (save t.unbind() parts)")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{key}: is a sparse tensor (layout {torch_dtype_name(t.layout)}); save it dense (t.to_dense())"
+        )
+    if t.device.type == "meta":
+        raise TypeError(f"{key}: is a meta tensor (a shape without data); save the materialized tensor")
+    if t.is_quantized:
+        return
+    held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if t.numel() * t.element_size() > max(held, 0):
+        raise TypeError(
+            f"{key}: shape {tuple(t.shape)} has {t.numel()} elements but its storage holds only "
+            f"{max(held, 0) // max(t.element_size(), 1)} (an expanded or overlapping view, strides "
+            f"{tuple(t.stride())}); refusing to materialize it. Save t.contiguous() (or t.clone()) instead"
+        )
 
 
 def quantized_to_record(t: Any) -> QuantizedTensor:
