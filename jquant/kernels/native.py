@@ -64,6 +64,7 @@ class _State:
 
 
 _STATE: _State | None = None
+_REGISTERED: dict[str, Path] = {}  # isa -> library whose targets this process registered (XLA keeps them)
 
 
 def _cpu_flags() -> set[str]:
@@ -153,6 +154,8 @@ def build(isa: str | None = None, *, verbose: bool = False) -> Path:
 def _load(isa: str) -> Path:
     import ctypes
 
+    if isa in _REGISTERED:
+        return _REGISTERED[isa]
     lib_path = build(isa)
     lib = ctypes.CDLL(str(lib_path))
     lib.jquant_kernels_isa.restype = ctypes.c_char_p
@@ -161,6 +164,7 @@ def _load(isa: str) -> Path:
         raise RuntimeError(f"{lib_path} was built for {built_for}, this CPU needs {isa}")
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    _REGISTERED[isa] = lib_path
     return lib_path
 
 
