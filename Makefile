@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c 'from jquant.kernels.native import build_at_install; build_at_install()'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,4 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/transform_overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info jquant/kernels/csrc/build

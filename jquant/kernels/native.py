@@ -8,7 +8,7 @@
 
 The library is compiled from ``csrc/jquant_kernels.cc`` with the system C++ compiler (``$CXX``, else ``g++``)
 against ``jax.ffi.include_dir()``, one library per instruction set (a library built for AVX-512 must never be
-loaded on a CPU without it). ``make`` builds it at install time (``python -m jquant.kernels.native``); otherwise
+loaded on a CPU without it). ``make`` builds it at install time (``build_at_install()``); otherwise
 the first use builds it (~20 s) into ``csrc/build/`` (or ``$XDG_CACHE_HOME/jquant`` when the package directory is
 read-only), keyed by a hash of the source, flags and jax version.
 
@@ -299,12 +299,13 @@ def weight_only(x: jnp.ndarray, packed: jnp.ndarray, scale: jnp.ndarray, *, n: i
                 group_size=np.int64(group_size or 0))
 
 
-if __name__ == "__main__":  # `python -m jquant.kernels.native`: build now (the Makefile's install step)
-    target_isa = detect_isa()
-    if target_isa is None:
+def build_at_install() -> None:
+    """The Makefile's install step: build the library for this CPU now; report (not fail) when it cannot."""
+    isa = detect_isa()
+    if isa is None:
         print("jquant: no supported SIMD instruction set on this CPU; the XLA kernels will run", file=sys.stderr)
-    else:
-        try:
-            print(build(target_isa, verbose=True))
-        except Exception as exc:  # the install goes on; the first use warns and runs XLA
-            print(f"jquant: native kernels not built ({exc}); the XLA kernels will run", file=sys.stderr)
+        return
+    try:
+        print(f"jquant: native kernels ({isa}) at {build(isa)}")
+    except Exception as exc:  # the install goes on; the first use warns and runs XLA
+        print(f"jquant: native kernels not built ({exc}); the XLA kernels will run", file=sys.stderr)
