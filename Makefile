@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/qat_step.py
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/transform_overhead.py
+	$(PY) benchmarks/native_kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info jquant/kernels/csrc/build
