@@ -68,7 +68,7 @@ def layout_decisions(entries: Iterable[MappingEntry], rules: Iterable[RuleLike] 
     for e in entries:
         forced = apply_rules(e.torch_name, [r for r in rules_ if isinstance(r, Rule)])[1]
         src, dst = (e.flax_path, e.torch_name) if to_torch else (e.torch_name, e.flax_path)
-        shapes = f"{e.flax_shape} -> {e.torch_shape}" if to_torch else f"{e.torch_shape} -> {e.flax_shape}"
+        shapes = (e.flax_shape, e.torch_shape) if to_torch else (e.torch_shape, e.flax_shape)
         notes = []
         if e.layout != "identity":
             notes.append(_LAYOUT_WORDS.get(e.layout, e.layout) + (" (--layout)" if forced else ""))
@@ -85,7 +85,7 @@ def layout_decisions(entries: Iterable[MappingEntry], rules: Iterable[RuleLike] 
         if to_torch and re.search(r"_\d+(/|$)", e.flax_path):
             notes.append("indexed module names such as Block_0 become Block.0 (torch ModuleList style)")
         if notes:
-            lines.append(f"{src} {shapes} -> {dst}: " + "; ".join(notes))
+            lines.append(f"{src} {shapes[0]} -> {dst} {shapes[1]}: " + "; ".join(notes))
     return lines
 
 
