@@ -21,7 +21,10 @@ from jquant.kernels import native
 from jquant.kernels.weights import QuantizedWeight
 
 _FORMAT = "jquant.int_params.v1"
-_QW_ARRAYS = ("qvalue", "scale", "zero_point", "w_sums", "kernel_data")
+# QuantizedWeight's array fields are its pytree children (not marked static); the static ones are layout facts.
+_QW_FIELDS = {f.name: f for f in dataclasses.fields(QuantizedWeight)}
+_QW_ARRAYS = tuple(name for name, f in _QW_FIELDS.items() if not f.metadata.get("static"))
+_MAX_DEPTH = 256
 
 
 def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
@@ -53,26 +56,147 @@ def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
                     "expected dicts, lists, tuples, arrays and QuantizedWeight")
 
 
-def _decode(spec: Any, tensors: Mapping[str, np.ndarray]) -> Any:
+class _BadFile(ValueError):
+    """An inconsistent params file; the message names the entry, load_int_params adds the file."""
+
+
+def _decode(spec: Any, tensors: Mapping[str, np.ndarray], where: str = "<root>", depth: int = 0) -> Any:
     if spec is None:
         return None
+    if depth > _MAX_DEPTH:
+        raise _BadFile(f"entry {where}: the tree is nested more than {_MAX_DEPTH} levels deep")
+    if not isinstance(spec, dict) or len(spec) == 0:
+        raise _BadFile(f"entry {where}: expected a node object in the tree skeleton, got {type(spec).__name__}")
     if "__tensor__" in spec:
-        return jax.numpy.asarray(tensors[spec["__tensor__"]].reshape(spec["shape"]))
+        return jax.numpy.asarray(_tensor(spec, tensors, where))
     if "__dict__" in spec:
-        return {k: _decode(v, tensors) for k, v in spec["__dict__"].items()}
-    if "__list__" in spec:
-        return [_decode(v, tensors) for v in spec["__list__"]]
-    if "__tuple__" in spec:
-        return tuple(_decode(v, tensors) for v in spec["__tuple__"])
+        items = spec["__dict__"]
+        if not isinstance(items, dict):
+            raise _BadFile(f"entry {where}: '__dict__' must hold an object, got {type(items).__name__}")
+        return {k: _decode(v, tensors, f"{where}/{k}", depth + 1) for k, v in items.items()}
+    for kind, build in (("__list__", list), ("__tuple__", tuple)):
+        if kind in spec:
+            items = spec[kind]
+            if not isinstance(items, list):
+                raise _BadFile(f"entry {where}: '{kind}' must hold an array, got {type(items).__name__}")
+            return build(_decode(v, tensors, f"{where}/{i}", depth + 1) for i, v in enumerate(items))
     if "__quantized_weight__" in spec:
-        fields = {}
-        for name, value in spec["__quantized_weight__"].items():
-            if name in _QW_ARRAYS:
-                fields[name] = _decode(value, tensors)
-            else:
-                fields[name] = tuple(value) if isinstance(value, list) else value
+        return _decode_quantized_weight(spec["__quantized_weight__"], tensors, where, depth)
+    raise _BadFile(f"entry {where}: unknown node {sorted(map(str, spec))} in the stored tree skeleton")
+
+
+def _tensor(spec: dict, tensors: Mapping[str, np.ndarray], where: str) -> np.ndarray:
+    key, shape = spec.get("__tensor__"), spec.get("shape")
+    if not isinstance(key, str) or key not in tensors:
+        raise _BadFile(f"entry {where}: refers to tensor {key!r}, which the file does not hold")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        raise _BadFile(f"entry {where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    value = tensors[key]
+    if value.size != int(np.prod(shape, dtype=np.int64)):
+        raise _BadFile(f"entry {where}: tensor {key!r} holds {value.size} values, the skeleton declares shape "
+                       f"{tuple(shape)}")
+    return value.reshape(shape)
+
+
+def _check_static(name: str, value: Any, where: str) -> Any:
+    """Type-check a static QuantizedWeight field by its annotation (int / bool / str / tuple[int, ...], or None)."""
+    annotation = str(_QW_FIELDS[name].type)
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise _BadFile(f"entry {where}: field {name!r} must not be null ({annotation})")
+    if "tuple" in annotation:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    elif annotation.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif annotation.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation.startswith("str"):
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise _BadFile(f"entry {where}: field {name!r} must be {annotation}, got {value!r}")
+
+
+def _decode_quantized_weight(spec: Any, tensors: Mapping[str, np.ndarray], where: str, depth: int):
+    if not isinstance(spec, dict):
+        raise _BadFile(f"entry {where}: '__quantized_weight__' must hold an object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_QW_FIELDS))
+    if unknown:
+        raise _BadFile(f"entry {where}: QuantizedWeight has no field(s) {unknown} (written by a newer jquant?)")
+    required = [n for n, f in _QW_FIELDS.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in spec]
+    if missing:
+        raise _BadFile(f"entry {where}: QuantizedWeight field(s) {missing} are missing")
+    fields = {}
+    for name, value in spec.items():
+        if name in _QW_ARRAYS:
+            if value is not None and not (isinstance(value, dict) and "__tensor__" in value):
+                raise _BadFile(f"entry {where}.{name}: expected a tensor or null")
+            fields[name] = _decode(value, tensors, f"{where}.{name}", depth + 1)
+        else:
+            fields[name] = _check_static(name, value, f"{where}.{name}")
+    _check_quantized_weight(fields, where)
+    try:
         return QuantizedWeight(**fields)
-    raise ValueError(f"params file: unknown node {sorted(spec)} in the stored tree skeleton")
+    except (TypeError, ValueError) as err:
+        raise _BadFile(f"entry {where}: not a valid QuantizedWeight ({err})") from err
+
+
+def _check_quantized_weight(fields: dict[str, Any], where: str) -> None:
+    """The layout facts must agree with each other and with the stored arrays."""
+    from jquant.kernels.weights import WEIGHT_DTYPES
+
+    def bad(msg: str) -> _BadFile:
+        return _BadFile(f"entry {where}: inconsistent QuantizedWeight: {msg}")
+
+    dtype = fields.get("dtype", _QW_FIELDS["dtype"].default)
+    if dtype not in WEIGHT_DTYPES:
+        raise bad(f"dtype {dtype!r} is not one of {WEIGHT_DTYPES}")
+    shape = tuple(fields.get("shape", ()))
+    ndim = len(shape)
+    if ndim == 0:
+        raise bad("'shape' is empty")
+    block = tuple(fields.get("block_size", ()))
+    if len(block) != ndim or any(b < 1 or n % b for n, b in zip(shape, block, strict=False)):
+        raise bad(f"block_size {block} does not divide shape {shape} dim by dim")
+    for name in ("axis", "group_axis", "packed_axis"):
+        axis = fields.get(name)
+        if axis is not None and not -ndim <= axis < ndim:
+            raise bad(f"{name} {axis} is out of range for shape {shape}")
+    for axis in fields.get("sum_axes") or ():
+        if not -ndim <= axis < ndim:
+            raise bad(f"sum_axes entry {axis} is out of range for shape {shape}")
+    qvalue = np.asarray(fields["qvalue"])
+    want = list(shape)
+    if fields.get("packed"):
+        packed_axis = fields.get("packed_axis")
+        if packed_axis is None or want[packed_axis] % 2:
+            raise bad(f"packed int4 values need an even packed_axis dim, got packed_axis {packed_axis}")
+        want[packed_axis] //= 2
+        want_dtype = np.uint8
+    else:
+        want_dtype = np.int8
+    if qvalue.shape != tuple(want) or qvalue.dtype != want_dtype:
+        raise bad(f"qvalue is {qvalue.dtype}{qvalue.shape}, the declared shape {shape} needs "
+                  f"{np.dtype(want_dtype)}{tuple(want)}")
+    counts = tuple(n // b for n, b in zip(shape, block, strict=True))
+    scale = np.asarray(fields["scale"])
+    if scale.size != int(np.prod(counts)) or not np.issubdtype(scale.dtype, np.floating):
+        raise bad(f"scale is {scale.dtype}{scale.shape}, the block layout needs {int(np.prod(counts))} float values")
+    if not np.all(np.isfinite(scale) & (scale > 0)):
+        raise bad("scale holds values that are not finite and > 0")
+    zero_point = fields.get("zero_point")
+    if zero_point is not None:
+        zp = np.asarray(zero_point)
+        if zp.size != scale.size or not np.issubdtype(zp.dtype, np.integer):
+            raise bad(f"zero_point is {zp.dtype}{zp.shape}, it needs {scale.size} integer values like scale")
 
 
 def save_int_params(path: str | Path, params: Any) -> None:
@@ -85,15 +209,39 @@ def save_int_params(path: str | Path, params: Any) -> None:
 
 
 def load_int_params(path: str | Path) -> Any:
-    """Read a file written by ``save_int_params`` back into the same tree (int arrays stay int)."""
+    """Read a file written by ``save_int_params`` back into the same tree (int arrays stay int).
+
+    The file is validated as it is read: a missing or malformed skeleton, a reference to an absent tensor, and
+    a ``QuantizedWeight`` whose arrays disagree with its declared layout (shape, block size, axes, packing)
+    raise ValueError naming the file and the entry.
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"path: {path} is not a jquant int params file (format {metadata.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
-    return _decode(json.loads(metadata["tree"]), tensors)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(
+                    f"path: {path} is not a jquant int params file (format {metadata.get('format')!r})"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except FileNotFoundError:
+        raise
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupted files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    text = metadata.get("tree")
+    if not isinstance(text, str):
+        raise ValueError(f"{path}: the metadata has no 'tree' skeleton; the file is not a complete int params file")
+    try:
+        skeleton = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: the stored tree skeleton is not valid JSON ({type(err).__name__})") from err
+    try:
+        return _decode(skeleton, tensors)
+    except _BadFile as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def export_int_fn(int_fn: Callable, int_params: Any, *args: Any, native_kernels: bool = False) -> bytes:
