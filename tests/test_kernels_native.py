@@ -239,6 +239,7 @@ def test_env_forces_xla(fresh_state):
 
 def test_cpu_without_instructions_warns_once_and_runs_xla(fresh_state):
     fresh_state.delenv("JQUANT_KERNELS", raising=False)
+    fresh_state.delenv("JQUANT_KERNELS_ISA", raising=False)
     fresh_state.setattr(native, "_cpu_flags", lambda: {"sse2"})
     x, w = _normal(3, 16), _normal(16, 8)
     qw = quantize_weight(w, axis=-1)
@@ -253,6 +254,7 @@ def test_cpu_without_instructions_warns_once_and_runs_xla(fresh_state):
 
 def test_missing_library_warns_and_native_mode_raises(fresh_state):
     fresh_state.delenv("JQUANT_KERNELS", raising=False)
+    fresh_state.delenv("JQUANT_KERNELS_ISA", raising=False)
     fresh_state.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
     fresh_state.setattr(native, "_REGISTERED", {})
 
@@ -270,6 +272,21 @@ def test_missing_library_warns_and_native_mode_raises(fresh_state):
     fresh_state.setenv("JQUANT_KERNELS", "fast")
     with pytest.raises(ValueError, match="JQUANT_KERNELS"):
         backend()
+
+
+@pytest.mark.skipif(native.detect_isa() != "avx2", reason="the 512-bit paths run natively here (or nothing does)")
+def test_512_bit_code_paths_in_emulation():
+    """On an AVX2-only machine, run the 16-lane code paths (tile shapes, nibble table) with scalar stand-ins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JQUANT_KERNELS_ISA": "emu512", "JQUANT_KERNELS": "native"}
+    cases = "gemm_int32 or static_w8a8 or weight_only_is_exact or conv_nhwc and not VALID"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:warnings", "-p", "no:xdist",
+                           __file__, "-k", cases], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "passed" in done.stdout and "skipped" not in done.stdout
 
 
 def test_isa_detection():

@@ -43,10 +43,12 @@ ISA_FLAGS = {
     "avx512vnni": ["-DJQ_ISA_AVX512VNNI", "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                    "-mavx512vnni"],
     "avx2": ["-DJQ_ISA_AVX2", "-mavx2", "-mfma"],
+    "emu512": ["-DJQ_ISA_EMU512"],  # scalar stand-ins for the 512-bit paths: tests only (JQUANT_KERNELS_ISA)
 }
 CPU_FEATURES = {  # /proc/cpuinfo flag names each library needs
     "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma"},
     "avx2": {"avx2", "fma"},
+    "emu512": set(),
 }
 TARGETS = {"jquant_gemm_s8": "JqGemmS8", "jquant_weight_only_s8": "JqWeightOnlyS8",
            "jquant_weight_only_s4": "JqWeightOnlyS4"}
@@ -80,7 +82,18 @@ def _cpu_flags() -> set[str]:
 
 
 def detect_isa(flags: set[str] | None = None) -> str | None:
-    """The best instruction set this CPU runs (``"avx512vnni"``, ``"avx2"``) or None."""
+    """The best instruction set this CPU runs (``"avx512vnni"``, ``"avx2"``) or None.
+
+    ``JQUANT_KERNELS_ISA`` overrides the choice (for tests: ``emu512`` runs the 512-bit code paths with scalar
+    stand-ins for the intrinsics on any x86-64 CPU); an ISA the CPU lacks is refused.
+    """
+    forced = os.environ.get("JQUANT_KERNELS_ISA")
+    if flags is None and forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"JQUANT_KERNELS_ISA: expected one of {tuple(ISA_FLAGS)}, got {forced!r}")
+        if not CPU_FEATURES[forced] <= _cpu_flags():
+            return None
+        return forced
     if sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"):
         return None
     flags = _cpu_flags() if flags is None else flags

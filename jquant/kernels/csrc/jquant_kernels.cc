@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -115,8 +116,62 @@ inline VI dot4(VI acc, const APrep& a, const WPrep& w) {
   acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a.even, w.even));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a.odd, w.odd));
 }
+#elif defined(JQ_ISA_EMU512)
+// Scalar stand-ins with the 512-bit intrinsics' semantics: run the 16-lane code paths (tile shapes, VPB = 1,
+// the nibble table) on machines without AVX-512, for testing only.
+constexpr int W = 16;
+struct VI {
+  int32_t v[16];
+};
+struct VF {
+  float v[16];
+};
+inline VI loadi(const void* p) { VI r; std::memcpy(r.v, p, 64); return r; }
+inline VI zeroi() { return VI{}; }
+inline VF zerof() { return VF{}; }
+inline VF loadf(const float* p) { VF r; std::memcpy(r.v, p, 64); return r; }
+inline void storei(void* p, VI v) { std::memcpy(p, v.v, 64); }
+inline void storef(float* p, VF v) { std::memcpy(p, v.v, 64); }
+#define JQ_MAP(EXPR) for (int i = 0; i < 16; ++i) r.v[i] = (EXPR); return r
+inline VF bcastf(float x) { VF r; JQ_MAP(x); }
+inline VF fmadd(VF a, VF b, VF c) { VF r; JQ_MAP(std::fma(a.v[i], b.v[i], c.v[i])); }
+inline VF mulf(VF a, VF b) { VF r; JQ_MAP(a.v[i] * b.v[i]); }
+inline VF addf(VF a, VF b) { VF r; JQ_MAP(a.v[i] + b.v[i]); }
+inline VF maxf(VF a, VF b) { VF r; JQ_MAP(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
+inline VF minf(VF a, VF b) { VF r; JQ_MAP(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
+inline VI addi(VI a, VI b) { VI r; JQ_MAP(static_cast<int32_t>(static_cast<uint32_t>(a.v[i]) + b.v[i])); }
+inline VF cvtf(VI a) { VF r; JQ_MAP(static_cast<float>(a.v[i])); }
+inline VI cvti(VF a) { VI r; JQ_MAP(static_cast<int32_t>(std::nearbyint(a.v[i]))); }
+inline VF round_even(VF a) { VF r; JQ_MAP(std::nearbyint(a.v[i])); }
+template <int J>
+inline VI byte_lane(VI a) { VI r; JQ_MAP(static_cast<int32_t>(static_cast<uint32_t>(a.v[i]) << (24 - 8 * J)) >> 24); }
+template <int J>
+inline VF nibble_lane(VI a) {
+  static const float lut[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+  VF r;
+  JQ_MAP(lut[(static_cast<uint32_t>(a.v[i]) >> (4 * J)) & 15]);
+}
+struct WPrep {
+  VI w;
+};
+inline WPrep prep_w(VI w) { return {w}; }
+struct APrep {
+  uint32_t a;
+};
+inline APrep prep_a(uint32_t a4) { return {a4}; }
+inline VI dot4(VI acc, const APrep& a, const WPrep& w) {
+  VI r;
+  for (int i = 0; i < 16; ++i) {
+    int32_t s = 0;
+    for (int j = 0; j < 4; ++j)
+      s += static_cast<int32_t>((a.a >> (8 * j)) & 0xFF) * static_cast<int8_t>(static_cast<uint32_t>(w.w.v[i]) >> (8 * j));
+    r.v[i] = acc.v[i] + s;
+  }
+  return r;
+}
+#undef JQ_MAP
 #else
-#error "define JQ_ISA_AVX512VNNI or JQ_ISA_AVX2"
+#error "define JQ_ISA_AVX512VNNI, JQ_ISA_AVX2 or JQ_ISA_EMU512"
 #endif
 constexpr int VPB = 16 / W;  // vectors per 16-column block
 }  // namespace isa
@@ -125,7 +180,7 @@ namespace {
 
 using namespace isa;
 
-#if defined(JQ_ISA_AVX512VNNI)
+#if defined(JQ_ISA_AVX512VNNI) || defined(JQ_ISA_EMU512)
 constexpr int GEMM_MR = 6, GEMM_NR = 4;  // 24 zmm accumulators
 constexpr int WO_MR = 4, WO_NR = 2;      // 2 x 8 zmm (partial + total)
 #else
@@ -608,6 +663,8 @@ JQ_WEIGHT_ONLY(JqWeightOnlyS4, 4)
 extern "C" const char* jquant_kernels_isa() {
 #if defined(JQ_ISA_AVX512VNNI)
   return "avx512vnni";
+#elif defined(JQ_ISA_EMU512)
+  return "emu512";
 #else
   return "avx2";
 #endif
