@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +58,29 @@ def qat(model, variables, x_train, y_train, *, epochs: int = 3, batch_size: int 
     return state
 
 
+# torch's notices about its own eager quantization API, which this demo uses on purpose as the int8 oracle
+_TORCH_NOTICES = (
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation"),
+    (UserWarning, r"Please use quant_min and quant_max to specify the range for observers"),
+    (UserWarning, r"must run observer before calling calculate_qparams"),
+)
+
+
 def torch_int8_predictions(qf, qstate, variables, x_calibrate, x_test) -> tuple[np.ndarray, float]:
     """Export the fused weights + qparams to a torch eager QAT model, convert it with torch, run torch's int8.
 
-    Returns torch's int8 logits and the scale of their output grid.
+    Returns torch's int8 logits and the scale of their output grid. torch's deprecation notices about
+    ``torch.ao.quantization`` (expected here) are silenced for this call only.
     """
+    with warnings.catch_warnings():
+        for category, message in _TORCH_NOTICES:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        return _torch_int8_predictions(qf, qstate, variables, x_calibrate, x_test)
+
+
+def _torch_int8_predictions(qf, qstate, variables, x_calibrate, x_test) -> tuple[np.ndarray, float]:
     import copy
-    import warnings
 
     import torch
     from torch.ao import quantization as tq
@@ -91,7 +108,6 @@ def torch_int8_predictions(qf, qstate, variables, x_calibrate, x_test) -> tuple[
             x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # flatten in Flax's NHWC order
             return self.dequant(self.Dense_1(self.relu2(self.Dense_0(x))))
 
-    warnings.filterwarnings("ignore", category=UserWarning)
     model = TorchDigitsCNN()
     model.qconfig = interop.torch_qat_qconfig()  # QAT_CONFIG in torch's terms
     fuse = [["ConvBN_0", "relu0"], ["ConvBN_1", "relu1"], ["Dense_0", "relu2"]]
@@ -163,7 +179,8 @@ def run() -> dict:
     }
 
 
-def main() -> None:
+def main() -> dict:
+    """Run the demo and print its report; returns the results of :func:`run`."""
     results = run()
     print(f"\njquant demo: digits CNN (scikit-learn digits, 8x8 images, {results['n_test']} test images)\n")
     print(f"| {'model':<24} | {'accuracy':>8} | {'weights':>11} |")
@@ -178,6 +195,15 @@ def main() -> None:
     )
     print(f"accuracy change float -> int8: {(results['int_acc'] - results['float_acc']) * 100:+.2f} points")
     print(f"total time: {results['seconds']:.1f} s")
+    print(
+        "\nthe code: interop/demo.py (this script: QAT, convert, torch export) and jquant/examples/digits.py "
+        "(model and float training)\n"
+        "try next:\n"
+        "  - deploy the int8 function: jquant.save_int_params / jquant.export_int_fn (README.md)\n"
+        "  - your own JAX/Flax function: README.md, 'Usage tour' (jquant.quantize, calibrate, jquant.convert)\n"
+        "  - torch checkpoints: jquant-convert --help (torch <-> Flax checkpoint conversion)"
+    )
+    return results
 
 
 if __name__ == "__main__":

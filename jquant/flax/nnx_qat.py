@@ -46,10 +46,22 @@ class QATModule(nnx.Module):
     def __call__(self, *args: Any) -> Any:
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         quantized = _quantized_model(graphdef, self.rules)
-        (out, new_rest), new_qstate = quantized.apply(self.qstate.value, params, rest, *args, mode=self.mode)
+        (out, new_rest), new_qstate = quantized.apply(_get(self.qstate), params, rest, *args, mode=self.mode)
         nnx.update(self.model, new_rest)
-        self.qstate.value = new_qstate
+        _set(self.qstate, new_qstate)
         return out
+
+
+# flax >= 0.12 deprecates ``Variable.value`` for get_value / set_value; older flax has only ``.value``.
+def _get(variable: nnx.Variable) -> Any:
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _set(variable: nnx.Variable, value: Any) -> None:
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value
 
 
 @functools.lru_cache(maxsize=64)
