@@ -3,6 +3,11 @@
 Observers are immutable, hashable configurations (torch's class names, arguments and defaults where torch
 has the class); states are pytrees that work under ``jit`` and ``vmap``. Freezing an observer means not
 calling ``update``. ``get_observer("minmax", dtype="qint8")`` builds one from a short name.
+
+Sharded data: ``merge(state, axis_names, previous=None) -> state`` combines per-shard states inside
+``shard_map`` (each shard updated the replicated ``previous`` with its own block) into one replicated state:
+``pmin``/``pmax`` of ranges (exact for min/max, moving averages and the placeholder), per-block ranges for
+percentile / MSE, and ``psum`` of histogram counts re-binned onto the global range.
 """
 
 from jquant.observers._base import MinMaxState
