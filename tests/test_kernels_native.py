@@ -49,6 +49,12 @@ def _both(fn, *args):
 
 
 @pytest.fixture
+def all_native(monkeypatch):
+    """No row-count routing to XLA (the AVX2 build hands large GEMMs to XLA by default)."""
+    monkeypatch.setattr(native, "AVX2_GEMM_MAX_ROWS", 1 << 62)
+
+
+@pytest.fixture
 def fresh_state(monkeypatch):
     """Resolve the backend anew inside the test and restore the process's state afterwards."""
     saved = native._STATE
@@ -145,7 +151,7 @@ def test_weight_only_auto_no_longer_quantizes_activations():
 @needs_native
 @pytest.mark.parametrize("groups,strides,padding,dilation", [(1, (1, 1), "SAME", (1, 1)), (1, (2, 2), "VALID", (2, 2)),
                                                              (2, (1, 2), ((1, 2), (0, 1)), (1, 1))])
-def test_conv_nhwc_matches_xla(groups, strides, padding, dilation):
+def test_conv_nhwc_matches_xla(groups, strides, padding, dilation, all_native):
     x, w = _normal(2, 9, 10, 6), _normal(3, 3, 6 // groups, 8)
     dn = ("NHWC", "HWIO", "NHWC")
     xs, xz = choose_qparams(x.min(), x.max(), dtype="uint8")
@@ -165,7 +171,7 @@ def test_conv_nhwc_matches_xla(groups, strides, padding, dilation):
 
 
 @needs_native
-def test_vmap_over_activations():
+def test_vmap_over_activations(all_native):
     x, w = _normal(3, 5, 40), _normal(40, 24)
     qw = pack_weight(quantize_weight(w, axis=-1, contracting_axes=(0,)))
     f = lambda v: int8_dot_general(v, qw, DENSE, act_scale=0.05, act_zero_point=128)
@@ -294,6 +300,13 @@ def test_isa_detection():
     full = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
     assert native.detect_isa(full) in ("avx512vnni", None)
     assert native.detect_isa({"sse2"}) is None
+
+
+def test_avx2_routes_large_gemms_to_xla(monkeypatch):
+    monkeypatch.setattr(native, "backend", lambda: "native-avx2")
+    assert native.use_native_gemm(8) and not native.use_native_gemm(native.AVX2_GEMM_MAX_ROWS)
+    monkeypatch.setattr(native, "backend", lambda: "native-avx512vnni")
+    assert native.use_native_gemm(1 << 20)
 
 
 def test_xla_path_of_matmul_stays_exact():

@@ -116,7 +116,8 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     spatial = "".join("HWDABCEFG"[:nsp])
     channels_last = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     centered = False
-    if impl == "auto" and native.use_native() and feature_group_count <= NATIVE_MAX_GROUPS:
+    if (impl == "auto" and feature_group_count <= NATIVE_MAX_GROUPS
+            and native.use_native_gemm(int(np.prod(xp.shape[:-1])))):
         y = _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, feature_group_count,
                          bias_q, dn)
         inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))

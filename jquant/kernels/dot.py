@@ -136,8 +136,8 @@ def _bias_for_output(bias, layout: DotLayout, w: QuantizedWeight) -> jnp.ndarray
     return jnp.broadcast_to(jnp.asarray(bias, jnp.float32), free_shape).reshape(-1)
 
 
-def _native_w8a8_ok(w: QuantizedWeight, cw: CanonicalWeight) -> bool:
-    return native.use_native() and cw.groups == 1 and cw.zero_point is None and w.dtype in ("int8", "int4")
+def _native_w8a8_ok(w: QuantizedWeight, cw: CanonicalWeight, rows: int) -> bool:
+    return native.use_native_gemm(rows) and cw.groups == 1 and cw.zero_point is None and w.dtype in ("int8", "int4")
 
 
 def _native_int8_operand(w: QuantizedWeight, cw: CanonicalWeight, layout: DotLayout):
@@ -216,7 +216,7 @@ def int8_dot_general(
             derived = x_scale * cw.scale[0]
             bias_q = jnp.round(bias_f / derived).astype(jnp.int32)
             bias_f = None
-    if _native_w8a8_ok(w, cw):
+    if _native_w8a8_ok(w, cw, int(np.prod([x.shape[a] for a in layout.x_free]))):
         packed, colsum = _native_int8_operand(w, cw, layout)
         y = _native_int8_dot(layout.x_matrix(xq), x_zp, packed, colsum, n=cw.q.shape[1], row_scale=None,
                              col_scale=x_scale * cw.scale[0], bias_q=bias_q, bias_f=bias_f, relu=relu,
@@ -256,7 +256,7 @@ def dynamic_int8_dot_general(
     dtype = act_dtype or ("int8" if symmetric else "uint8")
     x_scale, x_zp = dynamic_qparams(x2, axes, symmetric=symmetric, dtype=dtype)
     xq, x_zp = quantize_activation(x2, x_scale, x_zp, dtype=dtype)
-    if _native_w8a8_ok(w, cw) and x_zp.size == 1:
+    if _native_w8a8_ok(w, cw, xq.shape[0]) and x_zp.size == 1:
         packed, colsum = _native_int8_operand(w, cw, layout)
         y = _native_int8_dot(xq, x_zp, packed, colsum, n=cw.q.shape[1], row_scale=x_scale, col_scale=cw.scale[0])
         if bias is not None:

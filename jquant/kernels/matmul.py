@@ -27,7 +27,7 @@ def int8_matmul(xq: jnp.ndarray, wq: jnp.ndarray, *, pad_batch_one: bool | None 
     ``QuantizedWeight`` made by ``pack_weight`` to the ``dot_general`` kernels to pack once), else XLA's int8 dot
     (``preferred_element_type=int32``). ``xq`` may also be uint8 on the native path.
     """
-    if native.use_native() and xq.dtype in (jnp.int8, jnp.uint8) and wq.dtype == jnp.int8:
+    if native.use_native_gemm(xq.shape[0]) and xq.dtype in (jnp.int8, jnp.uint8) and wq.dtype == jnp.int8:
         colsum = jnp.sum(wq.astype(jnp.int32), axis=0)
         offset = -128 * colsum if xq.dtype == jnp.int8 else jnp.zeros_like(colsum)
         return native.gemm_s8(xq, packing.pack_s8_k4(wq), offset, n=wq.shape[1])
