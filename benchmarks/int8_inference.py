@@ -23,7 +23,7 @@ from bench_common import dense_params, median_ms, mlp, mlp_params  # first: sets
 from jax import lax
 
 import jquant
-from jquant.transform import presets
+from jquant import presets
 
 # -- models (plain JAX; weights in the Flax layouts) ----------------------------------------------------------
 

@@ -20,7 +20,7 @@ import optax
 from bench_common import median_ms, mlp, mlp_params  # first: sets OMP_WAIT_POLICY
 
 import jquant
-from jquant.transform import presets
+from jquant import presets
 
 
 def jax_steps(batch: int, reps: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ from interop.names import (
     strip_collection,
 )
 from interop.records import QuantizedTensor
+from jquant.text_table import format_table
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,10 @@ class MappingReport:
     def table(self) -> str:
         """The mapping table: torch name, Flax path, torch shape, Flax shape, dtype, layout transform."""
         header = ("torch name", "flax path", "torch shape", "flax shape", "dtype", "layout")
-        rows = [header] + [
+        rows = [
             (e.torch_name, e.flax_path, str(e.torch_shape), str(e.flax_shape), e.dtype, e.layout) for e in self.entries
         ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [format_table(header, rows)]
         lines += [f"ignored: {name}" for name in self.ignored]
         if not self.ok:
             lines.append(self.problems())

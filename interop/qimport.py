@@ -8,6 +8,7 @@ from typing import Any
 
 from interop.qparams import QParamRecord, QParamTable, read_torch_qparams, write_torch_qparams
 from interop.qsites import SiteLink, link_sites, qparams_to_qstate, qstate_to_qparams
+from jquant.text_table import format_table
 
 
 def import_qparams(
@@ -73,7 +74,7 @@ def export_qparams(
 
 def format_qparam_table(table: QParamTable) -> str:
     """One line per record: torch module, role, dtype, qscheme, range, axis, scale shape, source."""
-    rows = [("torch module", "role", "dtype", "qscheme", "range", "axis", "scale", "source")]
+    rows = []
     for module, roles in table.items():
         for role, rec in roles.items():
             rows.append(
@@ -88,7 +89,4 @@ def format_qparam_table(table: QParamTable) -> str:
                     rec.source,
                 )
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(("torch module", "role", "dtype", "qscheme", "range", "axis", "scale", "source"), rows)

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -484,7 +484,3 @@ def _targets(module: str, role: str, state: Mapping[str, Any]) -> tuple[str | No
         return fx
     return None
 
-
-def with_config(rec: QParamRecord, **changes: Any) -> QParamRecord:
-    """A copy of ``rec`` with fields changed (e.g. a dtype the state_dict could not tell)."""
-    return replace(rec, **changes)

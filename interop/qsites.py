@@ -30,6 +30,7 @@ from interop.errors import InteropError
 from interop.names import canonical_key, split_name, strip_collection
 from interop.qparams import QParamRecord, QParamTable
 from jquant.numerics.qtypes import qrange
+from jquant.text_table import format_table
 from jquant.transform.slots import LearnableSlot, ObservedSlot
 
 
@@ -115,11 +116,8 @@ def unlinked_records(table: QParamTable, links: Iterable[SiteLink]) -> list[tupl
 
 def format_links(links: Sequence[SiteLink], table: QParamTable | None = None) -> str:
     """The link table as text: torch module, torch role, jquant site, qstate key, how it was found."""
-    rows = [("torch module", "role", "jquant site", "key", "how")]
-    rows += [(lk.torch_module or "<root>", lk.torch_role, lk.site, lk.key, lk.how) for lk in links]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [(lk.torch_module or "<root>", lk.torch_role, lk.site, lk.key, lk.how) for lk in links]
+    lines = [format_table(("torch module", "role", "jquant site", "key", "how"), rows)]
     if table is not None:
         lines += [f"not linked: {m or '<root>'} ({r})" for m, r in unlinked_records(table, links)]
     return "\n".join(lines)

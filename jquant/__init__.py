@@ -1,6 +1,6 @@
 """jquant: quantization for JAX with PyTorch-exact numerics."""
 
-from jquant import kernels, observers
+from jquant import kernels, observers, presets
 from jquant.numerics.affine import dequantize_affine, fake_quantize_affine, quantize_affine
 from jquant.numerics.fake_quant import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
 from jquant.numerics.lsq import (
@@ -26,10 +26,14 @@ from jquant.observers import (
 from jquant.transform import (
     DerivedQuantizationSpec,
     FixedQParamsSpec,
+    LearnableSlot,
+    ObservedSlot,
+    QParams,
     QuantizationSpec,
     Rule,
     SharedQuantizationSpec,
-    presets,
+    learnable_params,
+    merge_learnable,
     quantize,
 )
 from jquant.transform.compare import compare
@@ -47,6 +51,11 @@ __all__ = [
     "FixedQParamsSpec",
     "QuantizationSpec",
     "Rule",
+    "LearnableSlot",
+    "ObservedSlot",
+    "QParams",
+    "learnable_params",
+    "merge_learnable",
     "SharedQuantizationSpec",
     "compare",
     "presets",

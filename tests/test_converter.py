@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant import export_int_fn, load_exported, load_int_params, save_int_params
+from jquant import export_int_fn, load_exported, load_int_params, presets, save_int_params
 from jquant.kernels import QuantizedWeight
-from jquant.transform import presets
 
 RNG = np.random.default_rng(0)
 

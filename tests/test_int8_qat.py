@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import jquant
+from jquant import presets
 from jquant.numerics.affine import fake_quantize_affine
-from jquant.transform import presets
 from jquant.transform.int8_qat import qat_int8_matmul
 
 RNG = np.random.default_rng(0)
@@ -72,7 +72,10 @@ def test_qat_apply_matches_transform_qat_mode(act_dtype):
         return jnp.sum(out**2), new_qstate
 
     ref = jax.jit(jax.value_and_grad(lambda p: loss(lambda q: qf.apply(qstate, q, x, mode="qat"), p), has_aux=True))
-    fast = jax.jit(jax.value_and_grad(lambda p: loss(lambda q: qf.apply(qstate, q, x, mode="qat", int8_forward=True), p), has_aux=True))
+    def fast_apply(q):
+        return qf.apply(qstate, q, x, mode="qat", int8_forward=True)
+
+    fast = jax.jit(jax.value_and_grad(lambda p: loss(fast_apply, p), has_aux=True))
     (l_ref, qs_ref), g_ref = ref(params)
     (l_fast, qs_fast), g_fast = fast(params)
     np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)

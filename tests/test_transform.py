@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import jquant
+from jquant import presets
 from jquant.numerics.affine import fake_quantize_affine
 from jquant.numerics.qparams import choose_qparams
-from jquant.transform import QuantizationSpec, Rule, presets, quantize
+from jquant.transform import QuantizationSpec, Rule, quantize
 
 
 def mlp(p, x):
@@ -195,7 +196,8 @@ def test_int4_groupwise_weight_only():
         return fake_quantize_affine(w, scale, zp, dtype="int4", block_size=(4, 1))
 
     ref = jax.nn.relu(x @ group_fq(p["w1"]) + p["b1"]) @ group_fq(p["w2"]) + p["b2"]
-    np.testing.assert_array_equal(out, ref)
+    # Same fake-quantized weights; the two programs may fuse the bias add differently (1 ulp on Zen 5).
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_lsq_qparams_are_learnable():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from jquant import presets
 from jquant.numerics.affine import fake_quantize_affine
 from jquant.numerics.qparams import choose_qparams
 from jquant.transform import (
@@ -17,7 +18,6 @@ from jquant.transform import (
     Rule,
     SharedQuantizationSpec,
     UnsupportedPrimitiveError,
-    presets,
     quantize,
 )
 

@@ -1,11 +1,15 @@
-"""The quantize transform: sites, rules, the jaxpr interpreter and the qstate (see api.py)."""
+"""The quantize transform: sites, rules, the jaxpr interpreter and the qstate (see api.py).
 
-from jquant.transform import presets
+Public API below. Extension API (documented in their modules, stable within a minor version):
+``jquant.transform.interpreter.interpret`` / ``bind_eqn`` (run a traced function with a site hook, as the
+converter does) and ``jquant.transform.higher_order.RULES`` (one rule per higher-order primitive).
+"""
+
 from jquant.transform.api import QuantizedFunction, quantize
 from jquant.transform.compare import CompareReport, compare
-from jquant.transform.interpreter import bind_eqn, interpret
-from jquant.transform.plan import Plan, UnsupportedPrimitiveError
+from jquant.transform.plan import UnsupportedPrimitiveError
 from jquant.transform.sites import Operand, Site
+from jquant.transform.slots import LearnableSlot, ObservedSlot, QParams
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
     FixedQParamsSpec,
@@ -17,21 +21,20 @@ from jquant.transform.state import learnable_params, merge_learnable
 
 __all__ = [
     "CompareReport",
-    "compare",
     "DerivedQuantizationSpec",
     "FixedQParamsSpec",
+    "LearnableSlot",
+    "ObservedSlot",
     "Operand",
-    "Plan",
+    "QParams",
     "QuantizationSpec",
     "QuantizedFunction",
     "Rule",
     "SharedQuantizationSpec",
     "Site",
     "UnsupportedPrimitiveError",
-    "bind_eqn",
-    "interpret",
+    "compare",
     "learnable_params",
     "merge_learnable",
-    "presets",
     "quantize",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from jax.extend import source_info_util
 
+from jquant import presets
 from jquant.transform.handler import QuantizeHandler, check_mode
 from jquant.transform.int8_qat import Int8QATHandler
 from jquant.transform.interpreter import interpret
@@ -43,7 +44,7 @@ class QuantizedFunction:
         if not callable(fn):
             raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
         self.fn = fn
-        self.rules = normalize_config(config)
+        self.rules = normalize_config(presets.int8_static() if config is None else config)
         argnums = (params_argnums,) if isinstance(params_argnums, int) else tuple(params_argnums)
         if not argnums or not all(isinstance(a, int) and a >= 0 for a in argnums):
             raise ValueError(f"params_argnums: expected non-negative ints, got {params_argnums!r}")

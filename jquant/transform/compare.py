@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant.text_table import format_table
 from jquant.transform.handler import QuantizeHandler
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.state import validate_qstate
@@ -51,15 +52,20 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return float(10 * np.log10(max(signal, 1e-300) / noise))
 
 
+SQNR_HELP = (
+    "sqnr_db: signal-to-quantization-noise ratio of each site's output, 10*log10(|float|^2 / |quantized - float|^2)"
+    ", higher is better. Each 6 dB is about one bit: >= 30 dB is usually harmless, < 20 dB is where accuracy goes;"
+    " start with the lowest rows (exclude them, or give them a finer spec)."
+)
+
+
 @dataclasses.dataclass
 class CompareReport:
     rows: list[dict[str, Any]]
 
     def __str__(self) -> str:
-        width = max([len(r["site"]) for r in self.rows] + [4])
-        lines = [f"{'site':<{width}}  {'primitive':<22}  sqnr_db", "-" * (width + 34)]
-        lines += [f"{r['site']:<{width}}  {r['primitive']:<22}  {r['sqnr_db']:7.2f}" for r in self.rows]
-        return "\n".join(lines)
+        rows = [(r["site"], r["primitive"], f"{r['sqnr_db']:7.2f}") for r in self.rows]
+        return format_table(("site", "primitive", "sqnr_db"), rows) + "\n" + SQNR_HELP
 
     def worst(self, n: int = 5) -> list[dict[str, Any]]:
         return sorted(self.rows, key=lambda r: r["sqnr_db"])[:n]

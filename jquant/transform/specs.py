@@ -201,15 +201,11 @@ class Rule:
 
 
 def normalize_config(config: Any) -> tuple[Rule, ...]:
-    """Turn ``config`` (None, a Rule, or a sequence of Rules) into a tuple of rules."""
-    if config is None:
-        from jquant.transform.presets import int8_static
-
-        return int8_static()
+    """Turn ``config`` (a Rule, or a sequence of Rules) into a tuple of rules."""
     if isinstance(config, Rule):
         return (config,)
     if not isinstance(config, list | tuple):
-        raise TypeError(f"config: expected None, a Rule or a list of Rules, got {type(config).__name__}")
+        raise TypeError(f"config: expected a Rule or a list of Rules, got {type(config).__name__}")
     for i, rule in enumerate(config):
         if not isinstance(rule, Rule):
             raise TypeError(f"config[{i}]: expected a jquant Rule, got {type(rule).__name__}")

@@ -63,12 +63,3 @@ def fp8(dtype: str = "float8_e4m3fn", exclude: Sequence[str] = ()) -> tuple[Rule
     act = QuantizationSpec(dtype, "per_tensor_symmetric", observer="minmax")
     return _excluded(exclude) + (Rule(weight=weight, inputs=act),)
 
-
-PRESETS = {
-    "int8_static": int8_static,
-    "int8_dynamic": int8_dynamic,
-    "int8_weight_only": int8_weight_only,
-    "int4_weight_only": int4_weight_only,
-    "qat_int8": qat_int8,
-    "fp8": fp8,
-}
