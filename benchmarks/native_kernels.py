@@ -2,10 +2,11 @@
 
 Rows (each states the kernel backend):
 1. int8 GEMM ``M x 1024 x 1024`` (M = 256, 1): JAX f32, XLA s8 x s8 -> s32, the native GEMM (weight packed once),
-   torch f32 and ``torch._int_mm`` where it runs.
+   torch f32 (``torch._int_mm`` is left out: ~100x slower than f32 on this CPU build).
 2. MLP 784-1024-1024-10 static int8 (per-tensor uint8 activations, per-channel int8 weights), batch 256 and 1:
    the layers chained on the kernels directly (ReLU + requantize to uint8 fused into each GEMM), and through
-   ``jquant.convert`` (static preset; its weights are not prepacked yet, so it packs per call); JAX f32; torch
+   ``jquant.convert`` (static preset; its weights are not prepacked yet, so it packs per call; and with
+   ``pack_weight`` applied to its int params, what the converter will do); JAX f32; torch
    f32 and torch x86 int8 static (fused linear+relu).
 3. Weight-only decode, batch 1, ``1 x 4096 x 11008`` (weights above L3 as f32) and ``1 x 4096 x 4096``: JAX f32,
    int8 per-channel and int4 group-128 weights on the native kernel (activations not quantized), the XLA
@@ -32,7 +33,15 @@ from jax import lax
 
 import jquant
 from jquant import presets
-from jquant.kernels import backend, int8_dot_general, pack_weight, packing, quantize_weight, weight_only_dot_general
+from jquant.kernels import (
+    QuantizedWeight,
+    backend,
+    int8_dot_general,
+    pack_weight,
+    packing,
+    quantize_weight,
+    weight_only_dot_general,
+)
 from jquant.kernels import native as native_kernels
 from jquant.numerics.qparams import choose_qparams
 
@@ -76,14 +85,6 @@ def gemm_rows(rng, reps) -> list[tuple]:
         res = median_ms(fns, reps)
         tx, tw = torch.randn(m, k), torch.randn(k, n)
         tfns = {("torch f32", "torch"): _torch_call(torch.matmul, tx, tw)}
-        ta, tb = torch.randint(-128, 127, (max(m, 32), k), dtype=torch.int8), torch.randint(-128, 127, (k, n),
-                                                                                           dtype=torch.int8)
-        try:
-            torch._int_mm(ta, tb)
-            label = "torch._int_mm" + (" (M padded to 32)" if m < 32 else "")
-            tfns[(label, "torch")] = _torch_call(torch._int_mm, ta, tb)
-        except RuntimeError:
-            pass
         res.update(median_ms(tfns, reps))
         base = res[("JAX f32", "xla")]
         rows += [(f"int8 GEMM {m}x{k}x{n}", impl, be, ms, base / ms) for (impl, be), ms in res.items()]
@@ -161,11 +162,15 @@ def mlp_rows(rng, reps) -> list[tuple]:
         err = float(jnp.max(jnp.abs(kernels_fn(kernels_params, x) - ref)))
         # Converted per batch: today an int_fn converted at batch 256 does not accept batch 1 (converter issue).
         conv_fn, conv_params = jquant.convert(qf, qstate, params, x)
+        packed_params = jax.tree.map(lambda v: pack_weight(v, (0,)) if isinstance(v, QuantizedWeight) else v,
+                                     conv_params, is_leaf=lambda v: isinstance(v, QuantizedWeight))
         fns = {
             ("JAX f32", "xla"): _ready(f32, params, x),
             (f"jquant int8 static, kernels chained (fused relu+requant; max |err| vs f32 {err:.3f})", backend()):
                 _ready(kernels_fn, kernels_params, x),
             ("jquant int8 static, jquant.convert", backend()): _ready(conv_fn, conv_params, x),
+            ("jquant int8 static, jquant.convert + pack_weight on its weights", backend()):
+                _ready(conv_fn, packed_params, x),
         }
         with native_kernels.xla_kernels():
             xla_fn, _ = _static_int8_mlp(params, calib)

@@ -465,14 +465,21 @@ struct WoStep<4> {
   static VF lane(VI v) { return nibble_lane<J>(v); }
 };
 
+// Independent partial sums per tile element: with few rows, one accumulator per element would make every k a
+// dependent FMA (4-cycle latency) and bound a GEMV by latency; JA accumulators take the k-lanes in turn.
+template <int MR>
+constexpr int wo_ja() { return MR == 1 ? 4 : (MR == 2 ? 2 : 1); }
+
 template <int BITS, int MR, int NR, int J>
-inline void wo_lanes(VF (&p)[MR][NR * VPB], const VI (&wv)[NR * VPB], const float* x, int64_t ldx, int64_t kk) {
+inline void wo_lanes(VF (&p)[wo_ja<MR>()][MR][NR * VPB], const VI (&wv)[NR * VPB], const float* x, int64_t ldx,
+                     int64_t kk) {
   if constexpr (J < WoStep<BITS>::KS) {
+    constexpr int A = J % wo_ja<MR>();
 #pragma GCC unroll 16
     for (int c = 0; c < NR * VPB; ++c) {
       const VF wf = WoStep<BITS>::template lane<J>(wv[c]);
 #pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) p[r][c] = fmadd(bcastf(x[r * ldx + kk + J]), wf, p[r][c]);
+      for (int r = 0; r < MR; ++r) p[A][r][c] = fmadd(bcastf(x[r * ldx + kk + J]), wf, p[A][r][c]);
     }
     wo_lanes<BITS, MR, NR, J + 1>(p, wv, x, ldx, kk);
   }
@@ -491,11 +498,14 @@ void wo_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t ksn, int64_t
   const float* xr = x + m0 * ldx;
   const int64_t groups = div_up(k, gs);
   for (int64_t g = 0; g < groups; ++g) {
-    VF p[MR][NR * VPB];
+    constexpr int JA = wo_ja<MR>();
+    VF p[JA][MR][NR * VPB];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
+    for (int a = 0; a < JA; ++a)
 #pragma GCC unroll 16
-      for (int c = 0; c < NR * VPB; ++c) p[r][c] = zerof();
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < NR * VPB; ++c) p[a][r][c] = zerof();
     const int64_t s0 = g * gs / KS, s1 = std::min(ksn, div_up((g + 1) * gs, KS));
     for (int64_t s = s0; s < s1; ++s) {
       VI wv[NR * VPB];
@@ -523,7 +533,12 @@ void wo_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t ksn, int64_t
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
-      for (int c = 0; c < NR * VPB; ++c) t[r][c] = fmadd(p[r][c], sc[c], t[r][c]);
+      for (int c = 0; c < NR * VPB; ++c) {
+        VF sum = p[0][r][c];
+#pragma GCC unroll 16
+        for (int a = 1; a < JA; ++a) sum = addf(sum, p[a][r][c]);
+        t[r][c] = fmadd(sum, sc[c], t[r][c]);
+      }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
