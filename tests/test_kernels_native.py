@@ -297,6 +297,7 @@ def test_512_bit_code_paths_in_emulation():
 
 def test_isa_detection():
     assert native.detect_isa({"avx2", "fma"}) in ("avx2", None)  # None off x86-64 Linux
+    assert native.detect_isa({"avx2", "fma", "avx_vnni"}) in ("avxvnni", None)
     full = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
     assert native.detect_isa(full) in ("avx512vnni", None)
     assert native.detect_isa({"sse2"}) is None

@@ -46,9 +46,11 @@ def conv_contracting_axes(ndim: int, dimension_numbers: Any = None) -> tuple[int
     return (*spec[2:], spec[1])
 
 
-def pack_conv_weight(qw: QuantizedWeight, dimension_numbers: Any = None, *, force: bool = False) -> QuantizedWeight:
+def pack_conv_weight(qw: QuantizedWeight, dimension_numbers: Any = None, *, force: bool = False,
+                     keep_values: bool = True) -> QuantizedWeight:
     """``pack_weight`` for a conv kernel (``dimension_numbers`` as given to ``lax.conv_general_dilated``)."""
-    return pack_weight(qw, conv_contracting_axes(len(qw.shape), dimension_numbers), force=force)
+    return pack_weight(qw, conv_contracting_axes(len(qw.shape), dimension_numbers), force=force,
+                       keep_values=keep_values)
 
 
 def _channels_last(x: jnp.ndarray, spec: tuple[int, ...]) -> jnp.ndarray:

@@ -1,7 +1,8 @@
 """Native CPU kernels (C++ through the XLA FFI): CPU detection, build, loading, and the ``ffi_call`` wrappers.
 
 ``backend()`` names what the integer kernels run on: ``"native-avx512vnni"`` (512-bit ``vpdpbusd``),
-``"native-avx2"`` (256-bit, exact int8 products with ``vpmaddwd``; also what AVX-VNNI-only CPUs run), or ``"xla"``.
+``"native-avxvnni"`` (256-bit ``vpdpbusd``), ``"native-avx2"`` (256-bit, exact int8 products with ``vpmaddwd``), or
+``"xla"``.
 ``JQUANT_KERNELS=xla`` forces the XLA kernels, ``=native`` makes an unusable native library an error, ``=auto``
 (default) falls back to XLA with one warning saying why. ``xla_kernels()`` forces the XLA form while tracing
 (e.g. to ``jax.export`` a portable function).
@@ -42,11 +43,13 @@ SOURCE = Path(__file__).parent / "csrc" / "jquant_kernels.cc"
 ISA_FLAGS = {
     "avx512vnni": ["-DJQ_ISA_AVX512VNNI", "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                    "-mavx512vnni"],
+    "avxvnni": ["-DJQ_ISA_AVXVNNI", "-mavx2", "-mfma", "-mavxvnni"],
     "avx2": ["-DJQ_ISA_AVX2", "-mavx2", "-mfma"],
     "emu512": ["-DJQ_ISA_EMU512"],  # scalar stand-ins for the 512-bit paths: tests only (JQUANT_KERNELS_ISA)
 }
 CPU_FEATURES = {  # /proc/cpuinfo flag names each library needs
     "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma"},
+    "avxvnni": {"avx2", "fma", "avx_vnni"},
     "avx2": {"avx2", "fma"},
     "emu512": set(),
 }
@@ -82,7 +85,7 @@ def _cpu_flags() -> set[str]:
 
 
 def detect_isa(flags: set[str] | None = None) -> str | None:
-    """The best instruction set this CPU runs (``"avx512vnni"``, ``"avx2"``) or None.
+    """The best instruction set this CPU runs (``"avx512vnni"``, ``"avxvnni"``, ``"avx2"``) or None.
 
     ``JQUANT_KERNELS_ISA`` overrides the choice (for tests: ``emu512`` runs the 512-bit code paths with scalar
     stand-ins for the intrinsics on any x86-64 CPU); an ISA the CPU lacks is refused.
@@ -97,7 +100,7 @@ def detect_isa(flags: set[str] | None = None) -> str | None:
     if sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"):
         return None
     flags = _cpu_flags() if flags is None else flags
-    for isa in ("avx512vnni", "avx2"):
+    for isa in ("avx512vnni", "avxvnni", "avx2"):
         if CPU_FEATURES[isa] <= flags:
             return isa
     return None
@@ -216,7 +219,7 @@ def register() -> bool:
 
 
 def backend() -> str:
-    """What the integer kernels run on when traced now: ``"native-avx512vnni"``, ``"native-avx2"`` or ``"xla"``."""
+    """What the integer kernels run on when traced now: ``"native-<isa>"`` (see ``detect_isa``) or ``"xla"``."""
     if _force_xla.get() or jax.default_backend() != "cpu":
         return "xla"
     return _state().backend

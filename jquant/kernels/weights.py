@@ -38,10 +38,11 @@ class QuantizedWeight:
     activation zero-point correction of W8A8 kernels) or None.
     ``kernel_data``: the same integer values in the native CPU kernels' packed layout ``kernel_layout`` (see
     ``jquant.kernels.packing``) for the contraction over ``sum_axes``, made once by ``pack_weight``; None when the
-    kernels should pack per call (or run on XLA).
+    kernels should pack per call (or run on XLA). ``qvalue`` is None when only the packed copy is kept
+    (``pack_weight(..., keep_values=False)``, what ``jquant.convert`` stores): ``int_values()`` unpacks it.
     """
 
-    qvalue: jnp.ndarray
+    qvalue: jnp.ndarray | None
     scale: jnp.ndarray
     zero_point: jnp.ndarray | None
     w_sums: jnp.ndarray | None = None
@@ -63,7 +64,16 @@ class QuantizedWeight:
         return tree_nbytes([self.qvalue, self.scale, self.zero_point, self.w_sums, self.kernel_data])
 
     def int_values(self) -> jnp.ndarray:
-        """The integer values as an int8 array of ``shape`` (unpacks int4)."""
+        """The integer values as an int8 array of ``shape`` (unpacks int4, or the native packed copy)."""
+        if self.qvalue is None:
+            from jquant.kernels import packing
+
+            axes = self.sum_axes
+            free = tuple(a for a in range(len(self.shape)) if a not in axes)
+            k = int(np.prod([self.shape[a] for a in axes]))
+            q2d = packing.unpack(self.kernel_data, self.kernel_layout, k, int(np.prod(self.shape)) // k)
+            permuted = q2d.reshape(tuple(self.shape[a] for a in (*axes, *free)))
+            return jnp.transpose(permuted, tuple(np.argsort((*axes, *free))))
         if self.packed:
             return unpack_int4(self.qvalue, axis=self.packed_axis, signed=True)
         return self.qvalue
@@ -112,6 +122,8 @@ def quantize_weight(
     zero_point: Any = None,
     contracting_axes: Sequence[int] | None = None,
     pack: bool = True,
+    quant_min: int | None = None,
+    quant_max: int | None = None,
 ) -> QuantizedWeight:
     """Quantize a float weight once, ahead of time.
 
@@ -121,6 +133,7 @@ def quantize_weight(
     ``contracting_axes``: the axes a dot / conv contracts; precomputes the per-group integer sums
     (``w_sums``, shape ``(G, N)`` in the canonical layout) used by the W8A8 activation zero-point correction.
     int4 values are packed two per byte along the last axis of even size when ``pack``.
+    ``quant_min``/``quant_max``: a custom integer range within ``dtype`` (e.g. torch's reduce_range).
     """
     name = canonical_dtype(dtype)
     if name not in WEIGHT_DTYPES:
@@ -147,7 +160,7 @@ def quantize_weight(
     if symmetric:
         zero_point = None
     zp = jnp.zeros(counts, jnp.int32) if zero_point is None else zero_point
-    q = quantize_affine(w, scale, zp, dtype=name, block_size=block)
+    q = quantize_affine(w, scale, zp, dtype=name, block_size=block, quant_min=quant_min, quant_max=quant_max)
     w_sums, sum_axes = None, None
     if contracting_axes is not None:
         sum_axes = tuple(normalize_axis(a, w.ndim, "contracting_axes") for a in contracting_axes)
@@ -178,14 +191,15 @@ def quantize_weight(
 
 
 def pack_weight(qw: QuantizedWeight, contracting_axes: Sequence[int] | None = None, *,
-                force: bool = False) -> QuantizedWeight:
+                force: bool = False, keep_values: bool = True) -> QuantizedWeight:
     """``qw`` with its values also packed (once, ahead of time) for the native CPU kernels.
 
     ``contracting_axes``: the axes the dot / conv contracts (default ``qw.sum_axes``; for a canonical ``(K, N)``
     weight ``(0,)``; for a conv kernel ``conv_contracting_axes(dimension_numbers)``). Also sets ``w_sums`` (the
     per-group integer sums) for that contraction. Unless ``force``, returns ``qw`` unchanged when the native
     kernels are not in use (``jquant.kernels.backend() == "xla"``), so XLA / GPU params carry no second copy.
-    The kernels use ``kernel_data`` automatically; without it they pack on every call.
+    The kernels use ``kernel_data`` automatically; without it they pack on every call. ``keep_values=False``
+    drops ``qvalue`` (the packed copy is then the only one: half the bytes; ``int_values()`` unpacks it).
     """
     from jquant.kernels import native, packing
 
@@ -201,7 +215,9 @@ def pack_weight(qw: QuantizedWeight, contracting_axes: Sequence[int] | None = No
     groups = canonical_groups(qw.shape, qw.block_size, axes)
     w_sums = jnp.sum(q2d.astype(jnp.int32).reshape(groups, -1, q2d.shape[1]), axis=1)
     return dataclasses.replace(qw, w_sums=w_sums, sum_axes=axes, kernel_data=packing.pack(q2d, qw.dtype),
-                               kernel_layout=packing.LAYOUTS[qw.dtype])
+                               kernel_layout=packing.LAYOUTS[qw.dtype], qvalue=qw.qvalue if keep_values else None,
+                               packed=qw.packed if keep_values else False,
+                               packed_axis=qw.packed_axis if keep_values else None)
 
 
 def canonical_matrix(q: jnp.ndarray, contracting: Sequence[int], free: Sequence[int]) -> jnp.ndarray:

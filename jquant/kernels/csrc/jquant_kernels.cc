@@ -3,6 +3,7 @@
 // One source, compiled once per instruction set into its own shared library (a library built with
 // -mavx512vnni must never be loaded on a CPU without it, so the ISAs are not mixed in one binary):
 //   JQ_ISA_AVX512VNNI: 512-bit vectors, `vpdpbusd` (u8 x s8 -> s32, 4 products per 32-bit lane);
+//   JQ_ISA_AVXVNNI:    256-bit vectors, `vpdpbusd` (AVX-VNNI, client CPUs without AVX-512);
 //   JQ_ISA_AVX2:       256-bit vectors, the same 4-product step done exactly with `vpmaddwd` on 16-bit halves.
 // Everything above the few primitives in `namespace isa` (packing order, tiling, epilogues, threading) is shared.
 //
@@ -70,7 +71,7 @@ struct APrep {
 inline APrep prep_a(uint32_t a4) { return {_mm512_set1_epi32(static_cast<int>(a4))}; }
 // acc + sum_j a_u8[j] * w_s8[j] per dword (exact).
 inline VI dot4(VI acc, const APrep& a, const WPrep& w) { return _mm512_dpbusd_epi32(acc, a.a, w.w); }
-#elif defined(JQ_ISA_AVX2)
+#elif defined(JQ_ISA_AVX2) || defined(JQ_ISA_AVXVNNI)
 constexpr int W = 8;
 using VI = __m256i;
 using VF = __m256;
@@ -100,6 +101,18 @@ inline VF nibble_lane(VI v) {
   if constexpr (J == 7) return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 28));
   else return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28 - 4 * J), 28));
 }
+#if defined(JQ_ISA_AVXVNNI)
+// 256-bit `vpdpbusd` (AVX-VNNI, VEX encoded).
+struct WPrep {
+  VI w;
+};
+inline WPrep prep_w(VI w) { return {w}; }
+struct APrep {
+  VI a;
+};
+inline APrep prep_a(uint32_t a4) { return {_mm256_set1_epi32(static_cast<int>(a4))}; }
+inline VI dot4(VI acc, const APrep& a, const WPrep& w) { return _mm256_dpbusd_avx_epi32(acc, a.a, w.w); }
+#else
 // vpmaddwd form: the even bytes (0, 2) and odd bytes (1, 3) of each dword as 16-bit pairs.
 struct WPrep {
   VI even, odd;
@@ -116,6 +129,7 @@ inline VI dot4(VI acc, const APrep& a, const WPrep& w) {
   acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a.even, w.even));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a.odd, w.odd));
 }
+#endif
 #elif defined(JQ_ISA_EMU512)
 // Scalar stand-ins with the 512-bit intrinsics' semantics: run the 16-lane code paths (tile shapes, VPB = 1,
 // the nibble table) on machines without AVX-512, for testing only.
@@ -171,7 +185,7 @@ inline VI dot4(VI acc, const APrep& a, const WPrep& w) {
 }
 #undef JQ_MAP
 #else
-#error "define JQ_ISA_AVX512VNNI, JQ_ISA_AVX2 or JQ_ISA_EMU512"
+#error "define JQ_ISA_AVX512VNNI, JQ_ISA_AVXVNNI, JQ_ISA_AVX2 or JQ_ISA_EMU512"
 #endif
 constexpr int VPB = 16 / W;  // vectors per 16-column block
 }  // namespace isa
@@ -183,6 +197,9 @@ using namespace isa;
 #if defined(JQ_ISA_AVX512VNNI) || defined(JQ_ISA_EMU512)
 constexpr int GEMM_MR = 6, GEMM_NR = 4;  // 24 zmm accumulators
 constexpr int WO_MR = 4, WO_NR = 2;      // 2 x 8 zmm (partial + total)
+#elif defined(JQ_ISA_AVXVNNI)
+constexpr int GEMM_MR = 6, GEMM_NR = 1;  // 12 ymm accumulators (+ 2 weight, 1 activation registers)
+constexpr int WO_MR = 2, WO_NR = 1;
 #else
 constexpr int GEMM_MR = 3, GEMM_NR = 1;  // 6 ymm accumulators (+ 4 prepared weight, 2 activation registers)
 constexpr int WO_MR = 2, WO_NR = 1;
@@ -680,6 +697,8 @@ extern "C" const char* jquant_kernels_isa() {
   return "avx512vnni";
 #elif defined(JQ_ISA_EMU512)
   return "emu512";
+#elif defined(JQ_ISA_AVXVNNI)
+  return "avxvnni";
 #else
   return "avx2";
 #endif
