@@ -44,7 +44,14 @@ ROLES = ("weight", "input", "output")
 
 @dataclass(frozen=True, eq=False)
 class QParamRecord:
-    """Qparams of one tensor (``role``) of one torch module, with torch's storage dtypes kept."""
+    """Qparams of one tensor (``role``) of one torch module, with torch's storage dtypes kept.
+
+    ``producer`` / ``consumers`` describe the torch data flow when the torch model (or its FX graph) was
+    given to the reader: the torch op whose output this record quantizes (a module path, an FX node name such
+    as ``add``, or ``input:<name>`` for a graph input) and the ops that consume the quantized value (through
+    value-preserving ops: relu, flatten, reshape, max-pool, dequantize, cat's shared qparams). ``None``:
+    no graph was available.
+    """
 
     module: str
     role: str
@@ -62,6 +69,8 @@ class QParamRecord:
     qdata: np.ndarray | None = None
     torch_keys: tuple[str, ...] = ()
     inferred: tuple[str, ...] = field(default=())
+    producer: str | None = None
+    consumers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -88,7 +97,82 @@ class QParamRecord:
 QParamTable = dict[str, dict[str, QParamRecord]]
 
 
+def _key_for(rec: QParamRecord, part: str) -> str:
+    keys = [k for k in rec.torch_keys if part in k.rsplit(".", 1)[-1]]
+    keys = keys or [k for k in rec.torch_keys if k.endswith(("weight", "_packed_weight"))] or list(rec.torch_keys)
+    return keys[0] if keys else f"{rec.module} ({rec.role})"
+
+
+def validate_record(rec: QParamRecord) -> None:
+    """Raise InteropError (naming the torch key) for qparams torch or jquant cannot use: a scale that is not
+    a positive, finite, normal float32 number, or a zero point outside ``[quant_min, quant_max]`` (checked
+    before any cast, so an int64 ``2**40`` cannot wrap to 0); float zero points (float-qparams) must be finite."""
+    where = f"torch {rec.module or '<root>'} ({rec.role}, {rec.source})"
+    scale = np.asarray(rec.scale)
+    if scale.size == 0:
+        raise InteropError(f"{_key_for(rec, 'scale')}: {where} has no scale values")
+    if not (np.issubdtype(scale.dtype, np.floating) or np.issubdtype(scale.dtype, np.integer)):
+        raise InteropError(f"{_key_for(rec, 'scale')}: {where} scale has dtype {scale.dtype}, not a float")
+    s64 = scale.astype(np.float64).reshape(-1)
+    s32 = scale.astype(np.float32).reshape(-1) if np.all(np.isfinite(s64)) else s64
+    tiny = float(np.finfo(np.float32).tiny)
+    bad = ~np.isfinite(s64) | (s64 <= 0) | ~np.isfinite(s32) | (np.abs(s32) < tiny)
+    if bad.any():
+        i = int(np.argmax(bad))
+        v = s64[i]
+        what = (
+            "NaN"
+            if np.isnan(v)
+            else "infinite"
+            if not np.isfinite(v) or not np.isfinite(s32[i])
+            else "zero"
+            if v == 0
+            else "negative"
+            if v < 0
+            else f"subnormal in float32 (below {tiny:.3g}; XLA flushes it to zero)"
+        )
+        at = f" at index {i}" if s64.size > 1 else ""
+        raise InteropError(
+            f"{_key_for(rec, 'scale')}: {where} scale{at} is {v!r}, {what}; a scale must be a positive, finite, "
+            "normal float32 number. Recalibrate this module in torch (or fix the value) before importing"
+        )
+    zp = np.asarray(rec.zero_point)
+    zkey = _key_for(rec, "zero_point")
+    if rec.qscheme == "per_channel_affine_float_qparams" or (
+        np.issubdtype(zp.dtype, np.floating) and rec.qscheme.endswith("float_qparams")
+    ):
+        if not np.all(np.isfinite(zp)):
+            raise InteropError(f"{zkey}: {where} has a non-finite float zero point; recalibrate this module")
+        return
+    if np.issubdtype(zp.dtype, np.floating):
+        flat = zp.astype(np.float64).reshape(-1)
+        if not np.all(np.isfinite(flat)) or not np.array_equal(flat, np.round(flat)):
+            i = int(np.argmax(~np.isfinite(flat) | (flat != np.round(flat))))
+            raise InteropError(
+                f"{zkey}: {where} zero point {flat[i]!r} is not an integer but qscheme {rec.qscheme} needs one"
+            )
+    elif not np.issubdtype(zp.dtype, np.integer) and zp.dtype != np.bool_:
+        raise InteropError(f"{zkey}: {where} zero point has dtype {zp.dtype}, not an integer")
+    flat = zp.reshape(-1)
+    lo, hi = rec.quant_min, rec.quant_max
+    out = (flat < lo) | (flat > hi)
+    if out.any():
+        i = int(np.argmax(out))
+        at = f" at index {i}" if flat.size > 1 else ""
+        how = "inferred " if "quant_min" in rec.inferred else ""
+        hint = (
+            "pass model= (the torch module) so the real dtype and range are read"
+            if how
+            else "fix the checkpoint or recalibrate this module"
+        )
+        raise InteropError(
+            f"{zkey}: {where} zero point{at} is {int(flat[i]) if flat.dtype.kind in 'iu' else flat[i]!r} "
+            f"({flat.dtype}), outside the {how}{rec.dtype} range [{lo}, {hi}]; {hint}"
+        )
+
+
 def _add(table: QParamTable, rec: QParamRecord) -> None:
+    validate_record(rec)
     slot = table.setdefault(rec.module, {})
     if rec.role in slot:
         raise InteropError(
@@ -97,10 +181,35 @@ def _add(table: QParamTable, rec: QParamRecord) -> None:
     slot[rec.role] = rec
 
 
+def _quint4x2_record(t: Any) -> QuantizedTensor:
+    """A torch ``quint4x2`` tensor (two 4-bit values per byte, low nibble first, as ``int_repr()`` packs
+    them) as an unpacked uint4 QuantizedTensor (per-channel float qparams: embeddings)."""
+    packed = t.int_repr().numpy().reshape(-1)
+    data = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[: t.numel()].reshape(tuple(t.shape))
+    qscheme = str(t.qscheme()).removeprefix("torch.")
+    if qscheme.startswith("per_tensor"):
+        scale, zp, axis = np.asarray(t.q_scale(), np.float64), np.asarray(t.q_zero_point(), np.int64), None
+    else:
+        scale = t.q_per_channel_scales().numpy().copy()
+        zp = t.q_per_channel_zero_points().numpy().copy()
+        axis = int(t.q_per_channel_axis())
+    return QuantizedTensor(data.astype(np.uint8), scale, zp, axis, qscheme, "uint4")
+
+
 def _as_arrays(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The state_dict as numpy; what the generic loader does not take is handled here: ``quint4x2`` tensors
+    (unpacked to uint4 records) and the ``None`` qscheme of fp16 reference modules (dropped: an fp16 weight
+    is a cast, it has no qparams)."""
     from interop.checkpoint import state_dict_to_numpy
 
-    return state_dict_to_numpy(state)
+    pre: dict[str, Any] = {}
+    for key, value in state.items():
+        if value is None and isinstance(key, str) and key.endswith("weight_qscheme"):
+            continue
+        if getattr(value, "dtype", None) is not None and str(value.dtype) == "torch.quint4x2":
+            value = _quint4x2_record(value)
+        pre[key] = value
+    return state_dict_to_numpy(pre)
 
 
 def read_torch_qparams(
@@ -127,10 +236,14 @@ def read_torch_qparams(
     table: QParamTable = {}
     used: set[str] = set()
     _read_eager_qat(state, model, table, used)
-    _read_fx_reference(state, table, used)
+    _read_fx_reference(state, model, table, used)
     _read_torchao(state, metadata or {}, table, used)
-    _read_converted(state, table, used)
+    _read_converted(state, model, table, used)
     _read_gpt_fast(state, table, used)
+    if model is not None:
+        from interop.qgraph import annotate_flow
+
+        table = annotate_flow(table, model)
     # keep the state_dict (= module registration) order: the site links rely on it
     position = {key: i for i, key in enumerate(state)}
 
@@ -143,7 +256,9 @@ def read_torch_qparams(
     return {module: table[module] for module in sorted(table, key=first)}
 
 
-def _fq_config(model: Any, path: str, role: str, scale: np.ndarray) -> tuple[dict, tuple[str, ...]]:
+def _fq_config(
+    model: Any, path: str, role: str, scale: np.ndarray, zero_point: Any = None
+) -> tuple[dict, tuple[str, ...]]:
     if model is not None:
         try:
             fq = model.get_submodule(path)
@@ -158,7 +273,16 @@ def _fq_config(model: Any, path: str, role: str, scale: np.ndarray) -> tuple[dic
             "axis": int(fq.ch_axis) if per_channel else None,
         }, ()
     inferred = ("dtype", "qscheme", "quant_min", "quant_max", "axis")
-    if role == "weight":
+    if zero_point is not None and np.issubdtype(np.asarray(zero_point).dtype, np.floating):
+        # torch's fake quants store int32 zero points except for float-qparams (embeddings)
+        cfg = {
+            "dtype": "uint8",
+            "qscheme": "per_channel_affine_float_qparams",
+            "quant_min": 0,
+            "quant_max": 255,
+            "axis": 0 if np.size(scale) > 1 else None,
+        }
+    elif role == "weight":
         per_channel = scale.size > 1
         cfg = {
             "dtype": "int8",
@@ -169,6 +293,8 @@ def _fq_config(model: Any, path: str, role: str, scale: np.ndarray) -> tuple[dic
         }
     else:
         cfg = {"dtype": "uint8", "qscheme": "per_tensor_affine", "quant_min": 0, "quant_max": 255, "axis": None}
+    if cfg["axis"] is None and "per_channel" in cfg["qscheme"]:
+        cfg["axis"] = 0
     return cfg, inferred
 
 
@@ -195,8 +321,8 @@ def _read_eager_qat(state, model, table, used) -> None:
         observer = [k for k in state if k.startswith(obs) and "." not in k[len(obs) :]]
         keys = [k for k in own if k in state] + observer
         scale = np.asarray(state[scale_key])
-        cfg, inferred = _fq_config(model, prefix, role, scale)
         zero_point = np.asarray(state[zp_key])
+        cfg, inferred = _fq_config(model, prefix, role, scale, zero_point)
         _add(
             table,
             QParamRecord(
@@ -219,18 +345,39 @@ def _opt(state, key):
     return np.asarray(state[key]) if key in state else None
 
 
-def _read_fx_reference(state, table, used) -> None:
+def _submodule(model: Any, path: str) -> Any:
+    if model is None or not hasattr(model, "get_submodule"):
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _read_fx_reference(state, model, table, used) -> None:
     for key in [k for k in state if k.endswith(".weight_scale") and k not in used]:
         module = key[: -len(".weight_scale")]
-        need = [f"{module}.weight_zero_point", f"{module}.weight_qscheme", f"{module}.weight_dtype"]
+        dtype_key = f"{module}.weight_dtype"
+        if str(state.get(dtype_key, "")).removeprefix("torch.") in ("float16", "bfloat16", "float32"):
+            # fp16 reference module (dynamic/static fp16 qconfig): the weight is cast, it has no qparams
+            used.update(k for k in state if k.startswith(f"{module}.weight_") and k != f"{module}.weight")
+            continue
+        need = [f"{module}.weight_zero_point", f"{module}.weight_qscheme", dtype_key]
         missing = [k for k in need if k not in state]
         if missing:
             raise InteropError(f"{key}: FX reference weight qparams without {missing}")
         qscheme = str(state[f"{module}.weight_qscheme"])
-        dtype = canonical_dtype(str(state[f"{module}.weight_dtype"]))
+        dtype = canonical_dtype(str(state[dtype_key]))
         axis_key = f"{module}.weight_axis"
         axis = int(np.asarray(state[axis_key])) if is_per_channel(qscheme) and axis_key in state else None
-        lo, hi = INT_RANGES[dtype]
+        ref = _submodule(model, module)
+        inferred: tuple[str, ...] = ()
+        if ref is not None and getattr(ref, "weight_quant_min", None) is not None:
+            lo, hi = int(ref.weight_quant_min), int(ref.weight_quant_max)
+        else:
+            lo, hi = INT_RANGES[dtype]
+            if model is None:  # a custom range (e.g. -8..7) is on the module, not in the state_dict
+                inferred = ("quant_min", "quant_max")
         keys = [*need, key] + ([axis_key] if axis_key in state else [])
         _add(
             table,
@@ -246,10 +393,13 @@ def _read_fx_reference(state, table, used) -> None:
                 quant_max=hi,
                 source="fx_reference",
                 torch_keys=tuple(keys),
+                inferred=inferred,
             ),
         )
         used.update(keys)
-    pattern = re.compile(r"^(?P<node>[^.]+?)_(?P<input>input_)?scale_(?P<n>\d+)$")
+    # FX's converted graphs name activation qparams after the node: <node>_scale_<n>, <node>_input_scale_<n>;
+    # those of call_function nodes (add, cat) have an empty node part: _scale_<n> (module "_scale_<n>")
+    pattern = re.compile(r"^(?P<node>[^.]*?)_(?P<input>input_)?scale_(?P<n>\d+)$")
     for key in [k for k in state if k not in used]:
         match = pattern.match(key)
         if not match:
@@ -259,13 +409,23 @@ def _read_fx_reference(state, table, used) -> None:
             continue
         role = "input" if match.group("input") else "output"
         module = match.group("node")
-        if match.group("n") != "0":
+        if not module:
+            module = key
+        elif match.group("n") != "0":
             module = f"{module}#{match.group('n')}"
         _add(table, _activation_record(module, role, state, key, zp_key, "fx_reference"))
         used.update((key, zp_key))
 
 
-def _read_converted(state, table, used) -> None:
+def _is_dynamic(model: Any, module: str, state) -> bool:
+    """A dynamically quantized module (its ``scale``/``zero_point`` are placeholders: the output is float)."""
+    if str(state.get(f"{module}._packed_params.dtype", "")).removeprefix("torch.") in ("float16", "bfloat16"):
+        return True
+    sub = _submodule(model, module)
+    return sub is not None and ".dynamic." in type(sub).__module__
+
+
+def _read_converted(state, model, table, used) -> None:
     for key, value in state.items():
         if key in used or not isinstance(value, QuantizedTensor):
             continue
@@ -298,6 +458,9 @@ def _read_converted(state, table, used) -> None:
         scale_key = f"{prefix}scale"
         zp = state[key]
         if scale_key not in state or scale_key in used or not np.issubdtype(np.asarray(zp).dtype, np.integer):
+            continue
+        if _is_dynamic(model, prefix.rstrip("."), state):
+            used.update((scale_key, key))
             continue
         _add(table, _activation_record(prefix.rstrip("."), "output", state, scale_key, key, "eager_converted"))
         used.update((scale_key, key))
@@ -472,9 +635,13 @@ def _targets(module: str, role: str, state: Mapping[str, Any]) -> tuple[str | No
         node, _, n = module.partition("#")
         n = n or "0"
         fx = (
-            (f"{node}_input_scale_{n}", f"{node}_input_zero_point_{n}")
-            if role == "input"
-            else (f"{node}_scale_{n}", f"{node}_zero_point_{n}")
+            (module, module.replace("scale_", "zero_point_"))
+            if re.match(r"^_(input_)?scale_\d+$", module)
+            else (
+                (f"{node}_input_scale_{n}", f"{node}_input_zero_point_{n}")
+                if role == "input"
+                else (f"{node}_scale_{n}", f"{node}_zero_point_{n}")
+            )
         )
     for prefix in candidates:
         if prefix and f"{prefix}scale" in state and f"{prefix}fake_quant_enabled" in state:
@@ -483,4 +650,3 @@ def _targets(module: str, role: str, state: Mapping[str, Any]) -> tuple[str | No
     if fx[0] in state and fx[1] in state:
         return fx
     return None
-

@@ -63,6 +63,42 @@ def _stateful_keys(site: Any, qstate: Mapping | None) -> set[str]:
     return {key for key, spec in site.specs.items() if spec is not None}
 
 
+def _has_graph(table: QParamTable) -> bool:
+    return any(rec.consumers is not None for roles in table.values() for rec in roles.values())
+
+
+def _match_weights(table: QParamTable, sites: Sequence[Any]) -> dict[str, str]:
+    """jquant site -> torch module holding its weight's qparams, by parameter name (``fc1/kernel`` <->
+    ``fc1.weight``; an FX-fused ``fc1.0`` answers for ``fc1`` when no ``fc1`` weight record exists)."""
+    weighted = [m for m, roles in table.items() if "weight" in roles]
+    exact = {_module_key(split_name(m)): m for m in weighted}
+    fused: dict[tuple[str, ...], list[str]] = {}
+    for m in weighted:
+        parts = split_name(m)
+        if len(parts) > 1 and parts[-1] == "0":
+            fused.setdefault(_module_key(parts[:-1]), []).append(m)
+    out = {}
+    for site in sites:
+        key = _site_module(site)
+        if key is None:
+            continue
+        if key in exact:
+            out[site.name] = exact[key]
+        elif len(fused.get(key, ())) == 1:
+            out[site.name] = fused[key][0]
+    return out
+
+
+def _op_of(table: QParamTable, module: str) -> str:
+    """The torch graph op that uses ``module``'s weight (the fused parent for ``fc1.0``)."""
+    consumers = table[module]["weight"].consumers
+    return consumers[0] if consumers else module
+
+
+def _name(module: str, role: str) -> str:
+    return f"torch {module or '<root>'} ({role})"
+
+
 def link_sites(
     table: QParamTable,
     sites: Iterable[Any],
@@ -70,37 +106,114 @@ def link_sites(
     qstate: Mapping | None = None,
     overrides: Mapping[tuple[str, str], tuple[str, str]] | None = None,
 ) -> list[SiteLink]:
-    """The torch <-> jquant link table for ``table`` and ``sites`` (``qf.sites``); see the module doc."""
+    """The torch <-> jquant link table for ``table`` and ``sites`` (``qf.sites``); see the module doc.
+
+    Raises InteropError when the torch graph and jquant's data flow disagree (a jquant site's input comes from
+    site P, torch feeds the matching module from another op) or a slot has several torch candidates; both
+    sides are named, and ``overrides`` settles it.
+    """
     sites = [s for s in sites if s.quantized]
-    order = list(table)
-    module_by_key = {_module_key(split_name(m)): m for m in table}
-    site_module: dict[str, str] = {}
-    for site in sites:
-        key = _site_module(site)
-        if key is not None and key in module_by_key:
-            site_module[site.name] = module_by_key[key]
+    graph = _has_graph(table)
+    site_module = _match_weights(table, sites)
+    overridden = {(site, key) for site, key in (overrides or {}).values()}
+    records = [(m, r, rec) for m, roles in table.items() for r, rec in roles.items() if r != "weight"]
     links: list[SiteLink] = []
+    by_slot: dict[tuple[str, str], SiteLink] = {}
+
+    def add(link: SiteLink) -> None:
+        links.append(link)
+        by_slot[(link.site, link.key)] = link
+
+    def producer_op(site_name: str | None) -> str | None:
+        module = site_module.get(site_name) if site_name else None
+        return _op_of(table, module) if module is not None else None
+
+    def check_producer(site: Any, op: Any, module: str, role: str) -> None:
+        """jquant says ``op`` comes straight from site P: torch's record must quantize P's module output."""
+        want = producer_op(op.producer)
+        got = table[module][role].producer
+        if want is None or got is None or want == got:
+            return
+        raise InteropError(
+            f"link {_name(module, role)} -> jquant {site.name}/{op.key}: jquant's {op.key} comes straight from site "
+            f"{op.producer!r} (torch {want}), but in the torch graph {_name(module, role)} quantizes the output of "
+            f"{got!r}. The models differ here; fix the model or pass overrides={{(torch_module, role): "
+            f"({site.name!r}, {op.key!r})}}"
+        )
+
+    def pick(site: Any, op: Any, cands: list[tuple[str, str]], what: str) -> tuple[str, str] | None:
+        if len(cands) > 1 and op.producer:
+            want = producer_op(op.producer)
+            narrowed = [c for c in cands if table[c[0]][c[1]].producer == want]
+            cands = narrowed or cands
+        if len(cands) > 1:
+            names = ", ".join(_name(m, r) for m, r in cands)
+            raise InteropError(
+                f"jquant {site.name}/{op.key}: ambiguous, {what} reads several torch qparam sets ({names}); pass "
+                f"overrides={{(torch_module, role): ({site.name!r}, {op.key!r})}} to choose"
+            )
+        return cands[0] if cands else None
+
     for site in sites:
         keys = _stateful_keys(site, qstate)
         module = site_module.get(site.name)
         for op in site.operands:
-            if op.key not in keys:
+            if op.key not in keys or (site.name, op.key) in overridden:
                 continue
             if op.role == "weight":
-                if module is not None and "weight" in table[module]:
-                    links.append(SiteLink(module, "weight", site.name, op.key, "name"))
+                if module is not None and op.param_path and "weight" in table[module]:
+                    add(SiteLink(module, "weight", site.name, op.key, "name"))
+                continue
+            if graph:
+                if module is not None:
+                    torch_op = _op_of(table, module)
+                    cands = [(m, r) for m, r, rec in records if rec.consumers and torch_op in rec.consumers]
+                    found = pick(site, op, cands, f"torch {torch_op!r}")
+                elif op.producer and producer_op(op.producer) is not None:
+                    want = producer_op(op.producer)
+                    cands = [(m, r) for m, r, rec in records if r == "output" and rec.producer == want]
+                    found = pick(site, op, cands, f"the output of torch {want!r}")
+                else:
+                    found = None
+                if found is not None:
+                    check_producer(site, op, *found)
+                    add(SiteLink(found[0], found[1], site.name, op.key, "graph"))
                 continue
             if module is not None and "input" in table[module]:
-                links.append(SiteLink(module, "input", site.name, op.key, "name"))
+                add(SiteLink(module, "input", site.name, op.key, "name"))
                 continue
             producer = site_module.get(op.producer) if op.producer else None
             if producer is not None and "output" in table[producer]:
-                links.append(SiteLink(producer, "output", site.name, op.key, "producer"))
-                continue
-            if module is not None:
-                before = [m for m in order[: order.index(module)] if "output" in table[m]]
-                if before:
-                    links.append(SiteLink(before[-1], "output", site.name, op.key, "order"))
+                add(SiteLink(producer, "output", site.name, op.key, "producer"))
+    # output slots: the record of the torch module's output (fused patterns observe the same tensor), or,
+    # for a site without a weight (add, cat), the record its consumers' inputs were linked to
+    for site in sites:
+        if "output" not in _stateful_keys(site, qstate) or (site.name, "output") in overridden:
+            continue
+        module = site_module.get(site.name)
+        found = None
+        if graph and module is not None:
+            torch_op = _op_of(table, module)
+            cands = [(m, r) for m, r, rec in records if r == "output" and rec.producer == torch_op]
+            if len(cands) > 1:
+                names = ", ".join(_name(m, r) for m, r in cands)
+                raise InteropError(f"jquant {site.name}/output: ambiguous, torch {torch_op!r} output has {names}")
+            found = cands[0] if cands else None
+        if found is None:
+            fed = {
+                (lk.torch_module, lk.torch_role)
+                for other in sites
+                for op in other.operands
+                if op.producer == site.name and (lk := by_slot.get((other.name, op.key))) is not None
+            }
+            if len(fed) > 1:
+                names = ", ".join(_name(m, r) for m, r in sorted(fed))
+                raise InteropError(
+                    f"jquant {site.name}/output: its consumers are linked to different torch qparams ({names})"
+                )
+            found = next(iter(fed), None)
+        if found is not None:
+            add(SiteLink(found[0], found[1], site.name, "output", "graph" if graph else "producer"))
     for (mod, role), (site_name, key) in (overrides or {}).items():
         if mod not in table or role not in table[mod]:
             raise InteropError(f"overrides: torch module {mod!r} has no {role} qparams in the table")
@@ -189,12 +302,25 @@ def qparams_to_qstate(
         out[lk.site][lk.key] = ObservedSlot(
             observer=obs,
             scale=_fit(rec.scale, slot.scale, np.float32, f"{lk.site}/{lk.key} scale", rec),
-            zero_point=_fit(rec.zero_point, slot.zero_point, np.int32, f"{lk.site}/{lk.key} zero_point", rec),
+            zero_point=_fit(
+                rec.zero_point,
+                slot.zero_point,
+                np.asarray(slot.zero_point).dtype,
+                f"{lk.site}/{lk.key} zero_point",
+                rec,
+            ),
         )
         filled.add((lk.site, lk.key))
     empty = [f"{s}/{k}" for s, slots in qstate.items() for k in slots if (s, k) not in filled]
     if empty:
-        problems.append(f"qstate slots with no torch qparams: {empty}")
+        graph = _has_graph(table)
+        hint = (
+            "the torch graph has no qparams for them (check the link table below), or link them with overrides="
+            if graph
+            else "pass model= (the torch module or its FX GraphModule) so activations are linked through its "
+            "graph, or link them with overrides="
+        )
+        problems.append(f"qstate slots with no torch qparams: {empty}; {hint}")
     if strict and problems:
         raise InteropError("import_qparams:\n  " + "\n  ".join(problems) + "\nlinks:\n" + format_links(links, table))
     return out

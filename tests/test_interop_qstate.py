@@ -87,9 +87,9 @@ def test_imported_qstate_reproduces_torch_fake_quant_logits():
     rows = {(lk.torch_module, lk.torch_role): (lk.site.split("/")[-2], lk.key, lk.how) for lk in links}
     assert rows == {
         ("fc1", "weight"): ("fc1", "weight", "name"),
-        ("quant", "output"): ("fc1", "input", "order"),
+        ("quant", "output"): ("fc1", "input", "graph"),
         ("fc2", "weight"): ("fc2", "weight", "name"),
-        ("fc1", "output"): ("fc2", "input", "order"),
+        ("fc1", "output"): ("fc2", "input", "graph"),
     }
     assert unlinked_records(table, links) == [("fc2", "output")] and "not linked: fc2 (output)" in text
     qstate = import_qparams(state, model=tm, qstate=qstate0, sites=qf.sites)
