@@ -294,10 +294,13 @@ def qparams_to_qstate(
         if note:
             problems.append(note)
         obs = slot.observer
-        if rec.min_val is not None and hasattr(obs, "_replace") and hasattr(obs, "min_val"):
+        if hasattr(obs, "_replace") and hasattr(obs, "min_val"):
+            # converted / reference checkpoints keep no observer range: the one the qparams cover stands in, so
+            # jquant sees an observed slot (it neither recomputes weight qparams nor warns "never ran")
+            lo, hi = (rec.min_val, rec.max_val) if rec.min_val is not None else _range_of(rec)
             obs = obs._replace(
-                min_val=_fit(rec.min_val, obs.min_val, np.float32, f"{lk.site}/{lk.key} min_val", rec),
-                max_val=_fit(rec.max_val, obs.max_val, np.float32, f"{lk.site}/{lk.key} max_val", rec),
+                min_val=_fit(lo, obs.min_val, np.float32, f"{lk.site}/{lk.key} min_val", rec),
+                max_val=_fit(hi, obs.max_val, np.float32, f"{lk.site}/{lk.key} max_val", rec),
             )
         out[lk.site][lk.key] = ObservedSlot(
             observer=obs,
@@ -324,6 +327,13 @@ def qparams_to_qstate(
     if strict and problems:
         raise InteropError("import_qparams:\n  " + "\n  ".join(problems) + "\nlinks:\n" + format_links(links, table))
     return out
+
+
+def _range_of(rec: QParamRecord) -> tuple[np.ndarray, np.ndarray]:
+    """The float range ``[(qmin - zp) * scale, (qmax - zp) * scale]`` the record's qparams represent."""
+    scale = np.asarray(rec.scale, np.float64)
+    zp = np.asarray(rec.zero_point, np.float64)
+    return (rec.quant_min - zp) * scale, (rec.quant_max - zp) * scale
 
 
 def _fit(value: Any, like: Any, dtype: Any, where: str, rec: QParamRecord) -> np.ndarray:
