@@ -62,7 +62,10 @@ def dynamic_qparams(
     x: jnp.ndarray, reduce_axes: tuple[int, ...], *, symmetric: bool = True, dtype: Any = "int8"
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Scale and zero point of ``x`` over ``reduce_axes`` (kept as size-1 dims), computed at run time."""
-    mn = jnp.min(x, axis=reduce_axes, keepdims=True)
-    mx = jnp.max(x, axis=reduce_axes, keepdims=True)
+    # NaN / inf entries are skipped, as the observers skip them: one bad value does not poison the other rows.
+    finite = jnp.isfinite(x)
+    mn = jnp.min(x, axis=reduce_axes, keepdims=True, initial=jnp.inf, where=finite)
+    mx = jnp.max(x, axis=reduce_axes, keepdims=True, initial=-jnp.inf, where=finite)
+    mn, mx = jnp.minimum(mn, 0.0), jnp.maximum(mx, 0.0)  # all entries non-finite: the range [0, 0]
     qscheme = "per_tensor_symmetric" if symmetric else "per_tensor_affine"
     return choose_qparams(mn, mx, dtype=dtype, qscheme=qscheme)

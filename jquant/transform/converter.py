@@ -1,55 +1,75 @@
-"""``int_fn, int_params = jquant.convert(qf, qstate, *args)``: serve a quantized function with integer ops.
+"""``int_fn, int_params = jquant.convert(qf, qstate, *args)``: serve a quantized function with integer kernels.
 
-How it works: the weights each quantized ``dot_general`` / ``conv_general_dilated`` site sees are captured
-once (one interpreter pass that records the site's weight operand, so reshapes, transposes and ``nn.scan``
-stacking of the weights are already applied), quantized with the calibrated weight qparams of ``qstate``
-into a ``QuantizedWeight`` and stored in ``int_params``. The float leaves that only fed those sites are
-dropped from the weights (``int_params["params"]`` keeps every other leaf: biases, norms, float layers).
-``int_fn`` runs the same jaxpr through the interpreter's site hook, executing each converted site with the
-integer kernels:
+How it works: one interpreter pass records the weight operand each quantized ``dot_general`` /
+``conv_general_dilated`` site sees (reshapes, transposes and ``nn.scan`` stacking already applied); each is
+quantized once with the calibrated weight qparams of ``qstate`` by the kernels' ``quantize_weight`` (and packed
+for the native CPU kernels by ``pack_weight``) into a ``QuantizedWeight`` stored in ``int_params``. Float
+leaves that only fed those sites are dropped (``int_params["params"]`` keeps every other leaf: biases, norms,
+float layers, a tied embedding still read by a gather). ``int_fn`` runs the function's jaxpr through the
+interpreter's site hook, each converted site on the integer kernels:
 
 - static activation spec (per-tensor int8/uint8, calibrated): ``int8_dot_general`` / ``int8_conv``;
 - dynamic activation spec (per tensor): ``dynamic_int8_dot_general`` / ``dynamic_int8_conv``;
 - no activation spec (weight-only int8 / int4): ``weight_only_dot_general`` (conv: dequantize + float conv).
 
-A bias added after a site stays a separate float ``add`` (XLA fuses it into the rescale); the int32
-bias of ``int8_dot_general(bias=...)`` is for hand-written integer models. Activations between sites stay
-float32 and are re-quantized by the next site's kernel, which XLA fuses with the previous rescale, bias and
-activation function into one elementwise pass.
+``int_fn`` is a function of its inputs' shapes like ``qf.apply``: it is traced (and compiled) once per input
+signature, so one conversion serves every batch size, ``vmap`` and ``jax.export`` with symbolic dimensions.
+What is fixed at conversion: the weights, the qparams, and the site structure (the function must have the same
+quantized sites at the new shapes).
 
-Sites the kernels do not cover (other primitives, per-channel or float8 activation specs, output specs,
-grouped convs with per-group weights, ...) run as in ``mode="eval"`` (fake-quant); if their weight is an
-int8/int4 site weight it is still stored as integers and dequantized on the fly. Numerics equal the
-``eval`` function up to float rounding of the rescale (and, for the dynamic CPU weight-only path, one
-per-row activation rounding; pass ``weight_only_impl="dequantize"`` for the exact weight-only numerics).
+Sites the kernels do not cover (other primitives, per-channel or float8 activation specs, output specs, ...)
+run as in ``mode="eval"`` (fake quant); their int8/int4 weight is still stored as integers and dequantized on
+the fly. ``int_fn.report`` says, per site, which kernel runs and why a site was not converted.
+
+Numerics: the ``eval`` function's up to float rounding of the rescale. Weight qparams of observers that never
+ran are computed from the weights; static activation sites whose observers never ran are an error (calibrate
+first). Rows holding NaN give NaN rows, as in ``eval`` (the integer kernels would make up finite values).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.kernels.conv import dynamic_int8_conv, int8_conv
+from jquant.kernels.conv import dynamic_int8_conv, int8_conv, pack_conv_weight
 from jquant.kernels.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
-from jquant.kernels.weights import QuantizedWeight, canonical_matrix, tree_nbytes, weight_block_size
-from jquant.numerics.affine import quantize_affine, reciprocal
-from jquant.numerics.packing import pack_int4
+from jquant.kernels.native import backend
+from jquant.kernels.weights import QuantizedWeight, canonical_matrix, pack_weight, quantize_weight, tree_nbytes
+from jquant.numerics.affine import reciprocal
 from jquant.numerics.qschemes import is_symmetric
+from jquant.text_table import format_table
+from jquant.transform import slots
 from jquant.transform.compat import used_inputs
-from jquant.transform.handler import QuantizeHandler, layout_of
+from jquant.transform.handler import QuantizeHandler, layout_of, stateful
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.sites import Site, path_to_name
-from jquant.transform.slots import slot_qparams
 from jquant.transform.specs import QuantizationSpec
-from jquant.transform.state import validate_qstate
+from jquant.transform.state import unobserved_activations, validate_qstate
 
 DENSE = (((1,), (0,)), ((), ()))
 INT_WEIGHT_DTYPES = ("int8", "int4")
+
+
+class StaticInput(NamedTuple):
+    """Calibrated per-tensor activation qparams of a static W8A8 site (``inv_scale`` = ``1 / scale``)."""
+
+    scale: jax.Array
+    zero_point: jax.Array
+    inv_scale: jax.Array
+
+
+class ConvertedSite(NamedTuple):
+    """``int_params["sites"][name]``: the integer weight, static activation qparams, or the qparams of a site
+    that runs as fake quant (``eval``: role key -> ``QParams``)."""
+
+    weight: QuantizedWeight | None = None
+    input: StaticInput | None = None
+    eval: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +80,7 @@ class SitePlan:
     weight_index: int
     input_index: int | None
     layout: str  # "dot" (canonical (K, N) weight) or "conv" (weight kept in its own layout)
+    reason: str = ""  # why a "dequantize" site does not run an integer kernel
 
 
 def _weight_operand(site: Site):
@@ -72,28 +93,51 @@ def _weight_operand(site: Site):
     return weights[0]
 
 
-def _activation_kind(spec: Any) -> str | None:
+def _activation_kind(spec: Any) -> tuple[str | None, str]:
     if spec is None:
-        return "weight_only"
-    if not isinstance(spec, QuantizationSpec) or spec.dtype not in ("int8", "uint8") or spec.per_channel:
-        return None
-    return "dynamic" if spec.is_dynamic else "static"
+        return "weight_only", ""
+    if not isinstance(spec, QuantizationSpec):
+        return None, f"activation spec {type(spec).__name__}"
+    if spec.dtype not in ("int8", "uint8"):
+        return None, f"{spec.dtype} activations"
+    if spec.per_channel:
+        return None, "per-channel activations"
+    return ("dynamic" if spec.is_dynamic else "static"), ""
+
+
+def not_converted_reason(site: Site, eqn) -> str:
+    """Why ``site`` keeps no integer weight ("" when it has one)."""
+    if site.primitive not in ("dot_general", "conv_general_dilated"):
+        return f"{site.primitive}: no integer kernel"
+    weights = [op for op in site.operands if op.role == "weight"]
+    if not weights:
+        return "no weight operand (activation x activation)"
+    if len(weights) > 1:
+        return "two weight operands"
+    spec = weights[0].spec
+    if not isinstance(spec, QuantizationSpec):
+        return "weight not quantized" if spec is None else f"weight spec {type(spec).__name__}"
+    if spec.dtype not in INT_WEIGHT_DTYPES:
+        return f"{spec.dtype} weights"
+    if spec.is_dynamic:
+        return "dynamic weight spec"
+    return ""
 
 
 def plan_site(site: Site, eqn) -> SitePlan | None:
     """The integer execution of ``site`` (None: it stays as in eval mode, float weights kept)."""
-    if site.primitive not in ("dot_general", "conv_general_dilated"):
+    if not_converted_reason(site, eqn):
         return None
     w_op = _weight_operand(site)
-    if w_op is None:
-        return None
     inputs = [op for op in site.operands if op.role == "input"]
     x_op = inputs[0] if len(inputs) == 1 else None
     if site.primitive == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        contract = rc if w_op.index == 1 else lc
-        if lb or rb or (w_op.spec.block_size and len(contract) != 1):
+        contract = tuple(rc if w_op.index == 1 else lc)
+        if lb or rb:
             return None
+        if w_op.spec.block_size and tuple(contract) != tuple(sorted(contract)):
+            return None  # groups run along the flattened contraction in ascending-axis order
         layout = "dot"
     else:
         dn = eqn.params["dimension_numbers"]
@@ -105,12 +149,27 @@ def plan_site(site: Site, eqn) -> SitePlan | None:
         if eqn.params.get("batch_group_count", 1) != 1:
             return None
         layout = "conv"
-    kind = _activation_kind(x_op.spec) if x_op is not None else None
-    if x_op is None or kind is None or site.output_spec is not None:
-        kind = "dequantize"
+    kind, why = _activation_kind(x_op.spec) if x_op is not None else (None, "no single activation input")
+    if site.output_spec is not None:
+        kind, why = None, "output quantization (runs as fake quant)"
     elif layout == "conv" and kind == "weight_only":
-        kind = "dequantize"
-    return SitePlan(kind, w_op.index, None if x_op is None else x_op.index, layout)
+        kind, why = None, "weight-only conv (dequantized weight, float conv)"
+    if kind is None:
+        return SitePlan("dequantize", w_op.index, None if x_op is None else x_op.index, layout, why)
+    return SitePlan(kind, w_op.index, x_op.index, layout)
+
+
+def _plan_reason(site: Site, eqn) -> str:
+    """Reason shown in the report for a quantized site without an integer kernel plan."""
+    why = not_converted_reason(site, eqn)
+    if why:
+        return why
+    if site.primitive == "dot_general":
+        (_, _), (lb, rb) = eqn.params["dimension_numbers"]
+        if lb or rb:
+            return "weight with batch dims"
+        return "per-group weight on a non-ascending contraction"
+    return "conv weight layout (per-group, asymmetric or lhs weight)"
 
 
 # -- weights ------------------------------------------------------------------------------------------------
@@ -128,57 +187,57 @@ def _qparam_map(layout, values: jnp.ndarray, shape) -> jnp.ndarray:
     return layout.from_view(jnp.broadcast_to(values.reshape(expand), view_shape))
 
 
-def _slot_qparams(slot: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
-    scale, zero_point = slot_qparams(slot)
+def _slot_qparams(slot) -> tuple[jnp.ndarray, jnp.ndarray]:
+    scale, zero_point = slots.slot_qparams(slot)
     # LSQ keeps a float zero point; its forward rounds it half to even.
     return jnp.asarray(scale, jnp.float32), jnp.round(jnp.asarray(zero_point)).astype(jnp.int32)
 
 
-def quantize_site_weight(site: Site, eqn, plan: SitePlan, w: jnp.ndarray, slot: dict) -> QuantizedWeight:
-    """The site's weight operand ``w`` as integers with the site's calibrated weight qparams."""
+def quantize_site_weight(site: Site, eqn, plan: SitePlan, w: jnp.ndarray, slot) -> QuantizedWeight:
+    """The site's weight operand ``w`` as integers with the site's calibrated weight qparams.
+
+    Dot weights are stored in the canonical ``(K, N)`` layout (contraction x output features), conv kernels in
+    their own layout; both through the kernels' ``quantize_weight`` and ``pack_weight``.
+    """
     w_op = site.operands[plan.weight_index]
     spec = w_op.spec
     layout = layout_of(site, w_op.key, spec)
     scale, zero_point = _slot_qparams(slot)
-    axis = None if layout.axis is None else (0 if layout.perm is not None else layout.axis)
-    q = layout.from_view(
-        quantize_affine(layout.to_view(w.astype(jnp.float32)), scale, zero_point, dtype=spec.dtype, axis=axis,
-                        quant_min=spec.quant_min, quant_max=spec.quant_max)
-    )
     symmetric = is_symmetric(spec.qscheme)
+    per_channel = layout.axis is not None
+    w = w.astype(jnp.float32)
     if plan.layout == "conv":
         out_axis = eqn.params["dimension_numbers"].rhs_spec[0]
-        per_channel = layout.axis is not None
-        block = weight_block_size(w.shape, axis=out_axis if per_channel else None, group_size=None, group_axis=None)
-        counts = tuple(n // b for n, b in zip(w.shape, block, strict=True))
-        return QuantizedWeight(q, scale.reshape(counts), None, dtype=spec.dtype, shape=tuple(w.shape),
-                               block_size=block, axis=out_axis if per_channel else None)
+        qw = quantize_weight(w, dtype=spec.dtype, axis=out_axis if per_channel else None, symmetric=True,
+                             scale=scale, contracting_axes=None, quant_min=spec.quant_min,
+                             quant_max=spec.quant_max)
+        return pack_conv_weight(qw, eqn.params["dimension_numbers"], keep_values=False)
     (lc, rc), _ = eqn.params["dimension_numbers"]
     contract = tuple(rc if plan.weight_index == 1 else lc)
     free = tuple(a for a in range(w.ndim) if a not in contract)
-    q2 = canonical_matrix(q, contract, free)
-    k, n = q2.shape
+    w2 = canonical_matrix(w, contract, free)
+    k, n = w2.shape
     groups = k // spec.block_size if spec.block_size else 1
-    gs = k // groups
 
-    def per_group(values):
+    def per_group(values):  # slot-layout qparams -> (G, N) in the canonical layout
         full = canonical_matrix(_qparam_map(layout, values, w.shape), contract, free)
-        return full.reshape(groups, gs, n)[:, 0, :]
+        return full.reshape(groups, k // groups, n)[:, 0, :]
 
-    scale2 = per_group(scale)
-    zp2 = None if symmetric else per_group(zero_point).astype(jnp.int32)
-    x_spec = site.operands[plan.input_index].spec if plan.input_index is not None else None
-    needs_sums = plan.kind == "static" or (plan.kind == "dynamic" and not is_symmetric(x_spec.qscheme))
-    sums = jnp.sum(q2.astype(jnp.int32).reshape(groups, gs, n), axis=1) if needs_sums else None
-    packed, packed_axis = False, None
-    if spec.dtype == "int4" and (n % 2 == 0 or k % 2 == 0):
-        packed_axis = 1 if n % 2 == 0 else 0
-        q2, packed = pack_int4(q2, axis=packed_axis), True
-    return QuantizedWeight(
-        q2, scale2, zp2, sums, dtype=spec.dtype, shape=(k, n), block_size=(gs, 1), axis=1,
-        group_size=gs if groups > 1 else None, group_axis=0 if groups > 1 else None, packed=packed,
-        packed_axis=packed_axis, sum_axes=(0,) if needs_sums else None,
+    if not per_channel and groups == 1:
+        scale2, zp2, axis = scale.reshape(1, 1), zero_point.reshape(1, 1), None
+    else:
+        scale2, zp2, axis = per_group(scale), per_group(zero_point), 1
+    qw = quantize_weight(
+        w2, dtype=spec.dtype, axis=axis, group_size=k // groups if groups > 1 else None,
+        group_axis=0 if groups > 1 else None, symmetric=symmetric, scale=scale2,
+        zero_point=None if symmetric else zp2, quant_min=spec.quant_min,
+        contracting_axes=(0,) if plan.kind in ("static", "dynamic") else None,
+        quant_max=spec.quant_max,
     )
+    qw = pack_weight(qw, (0,), keep_values=False)
+    if plan.kind in ("weight_only", "dequantize"):
+        qw = dataclasses.replace(qw, w_sums=None)  # no activation zero point to correct for
+    return qw
 
 
 def _original_layout_weight(qw: QuantizedWeight, plan: SitePlan, site: Site, eqn) -> jnp.ndarray:
@@ -196,6 +255,11 @@ def _original_layout_weight(qw: QuantizedWeight, plan: SitePlan, site: Site, eqn
 # -- the integer site handler ---------------------------------------------------------------------------------
 
 
+def _nan_rows(y: jnp.ndarray, x2: jnp.ndarray) -> jnp.ndarray:
+    """NaN in the rows of ``y`` whose ``(M, K)`` activation row holds a NaN (as the fake-quant function gives)."""
+    return jnp.where(jnp.any(jnp.isnan(x2), axis=1, keepdims=True), jnp.nan, y)
+
+
 class IntHandler:
     """Interpreter site hook running converted sites with integer kernels (others as ``mode="eval"``)."""
 
@@ -207,53 +271,64 @@ class IntHandler:
         self.pad = pad_batch_one
         self.eval = QuantizeHandler("eval")
 
-    def __call__(self, site: Site, eqn, invals: list, state: dict, scope):
+    def __call__(self, site: Site, eqn, invals: list, state: ConvertedSite, scope):
         plan = self.plans.get(site.name)
         if plan is None:
-            return self.eval(site, eqn, invals, state, scope)
-        qw = state["weight"]
+            outs, _ = self.eval(site, eqn, invals, _eval_slots(state.eval), scope)
+            return outs, state
         if plan.kind == "dequantize":
             values = list(invals)
-            values[plan.weight_index] = _original_layout_weight(qw, plan, site, eqn)
-            outs, _ = self.eval(site, eqn, values, state["eval"], scope)
+            values[plan.weight_index] = _original_layout_weight(state.weight, plan, site, eqn)
+            outs, _ = self.eval(site, eqn, values, _eval_slots(state.eval), scope)
             return outs, state
         x = invals[plan.input_index]
         x_op = site.operands[plan.input_index]
-        y = self._conv(site, eqn, plan, x, qw, state) if plan.layout == "conv" else self._dot(
-            site, eqn, plan, x, qw, state, x_op.spec)
+        if plan.layout == "conv":
+            y = self._conv(site, eqn, plan, x, state)
+        else:
+            y = self._dot(site, eqn, plan, x, state, x_op.spec)
         return [y], state
 
-    def _dot(self, site, eqn, plan, x, qw, state, x_spec):
+    def _dot(self, site, eqn, plan, x, state: ConvertedSite, x_spec):
+        qw = state.weight
         side = "rhs" if plan.weight_index == 1 else "lhs"
         w_shape = site.operands[plan.weight_index].shape
         layout = DotLayout.of(x.ndim, len(w_shape), eqn.params["dimension_numbers"], side)
         x2 = layout.x_matrix(x)
         if plan.kind == "static":
-            act = state["input"]
-            y2 = int8_dot_general(x2, qw, DENSE, act_scale=act["scale"], act_zero_point=act["zero_point"],
-                                  act_inv_scale=act["inv_scale"],
-                                  act_dtype=x_spec.dtype, act_quant_min=x_spec.quant_min,
-                                  act_quant_max=x_spec.quant_max, pad_batch_one=self.pad)
+            act = state.input
+            y2 = int8_dot_general(x2, qw, DENSE, act_scale=act.scale, act_zero_point=act.zero_point,
+                                  act_inv_scale=act.inv_scale, act_dtype=x_spec.dtype,
+                                  act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max,
+                                  pad_batch_one=self.pad)
+            y2 = _nan_rows(y2, x2)
         elif plan.kind == "dynamic":
             y2 = dynamic_int8_dot_general(x2, qw, DENSE, per_token=False, symmetric=is_symmetric(x_spec.qscheme),
                                           act_dtype=x_spec.dtype, pad_batch_one=self.pad)
+            y2 = _nan_rows(y2, x2)
         else:
             y2 = weight_only_dot_general(x2, qw, DENSE, impl=self.weight_only_impl, pad_batch_one=self.pad)
         return layout.output(y2, x.shape, w_shape)
 
-    def _conv(self, site, eqn, plan, x, qw, state):
+    def _conv(self, site, eqn, plan, x, state: ConvertedSite):
         p = eqn.params
+        qw = state.weight
         x_spec = site.operands[plan.input_index].spec
         args = (x, qw, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
                 p["dimension_numbers"], p["feature_group_count"])
         if plan.kind == "static":
-            act = state["input"]
-            return int8_conv(*args, act_scale=act["scale"], act_zero_point=act["zero_point"],
-                             act_inv_scale=act["inv_scale"], act_dtype=x_spec.dtype,
+            act = state.input
+            return int8_conv(*args, act_scale=act.scale, act_zero_point=act.zero_point,
+                             act_inv_scale=act.inv_scale, act_dtype=x_spec.dtype,
                              act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max, impl=self.conv_impl,
                              pad_batch_one=self.pad)
         return dynamic_int8_conv(*args, symmetric=is_symmetric(x_spec.qscheme), act_dtype=x_spec.dtype,
                                  impl=self.conv_impl, pad_batch_one=self.pad)
+
+
+def _eval_slots(qparams: dict | None) -> dict:
+    """The eval-mode site state rebuilt from stored qparams (observers are not needed after calibration)."""
+    return {key: slots.ObservedSlot(None, qp.scale, qp.zero_point) for key, qp in (qparams or {}).items()}
 
 
 class _CaptureWeights:
@@ -268,8 +343,15 @@ class _CaptureWeights:
         plan = plan_site(site, eqn)
         if plan is not None:
             self.plans[site.name] = plan
-            state = {"w": invals[plan.weight_index].astype(state["w"].dtype)}
+        w_op = _any_weight_operand(site)
+        if w_op is not None:
+            state = {"w": invals[w_op.index].astype(state["w"].dtype)}
         return bind_eqn(eqn, invals), state
+
+
+def _any_weight_operand(site: Site):
+    weights = [op for op in site.operands if op.role == "weight"]
+    return weights[0] if len(weights) == 1 else None
 
 
 def _stacked(fn: Callable, depth: int) -> Callable:
@@ -278,33 +360,82 @@ def _stacked(fn: Callable, depth: int) -> Callable:
     return fn
 
 
+# -- the report -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteReport:
+    """One row of ``ConversionReport``: how a site runs and what its weight costs."""
+
+    site: str
+    kind: str  # "static", "dynamic", "weight_only", "dequantize" or "eval (fake-quant)"
+    kernel: str
+    weight_dtype: str
+    bytes_before: int
+    bytes_after: int
+    reason: str = ""
+
+
 @dataclasses.dataclass(frozen=True)
 class ConversionReport:
-    """Bytes of the float weights vs ``int_params`` and which sites run how."""
+    """Per-site table of the conversion (``print(int_fn.report)``) and byte totals of weights vs ``int_params``."""
 
     float_bytes: int
     int_bytes: int
-    site_kinds: dict[str, str]
+    sites: tuple[SiteReport, ...]
+    backend: str = "xla"
 
     @property
     def ratio(self) -> float:
         return self.float_bytes / max(self.int_bytes, 1)
 
+    @property
+    def site_kinds(self) -> dict[str, str]:
+        return {s.site: s.kind for s in self.sites}
+
     def __str__(self) -> str:
-        kinds = ", ".join(f"{k}: {v}" for k, v in self.site_kinds.items())
-        return f"weights {self.float_bytes} B -> int params {self.int_bytes} B ({self.ratio:.2f}x smaller); {kinds}"
+        rows = [(s.site, s.kernel, s.weight_dtype, s.bytes_before, s.bytes_after, s.reason) for s in self.sites]
+        footer = ("total (all params)", f"backend {self.backend}", "", self.float_bytes, self.int_bytes,
+                  f"{self.ratio:.2f}x smaller")
+        return format_table(("site", "kernel", "weight", "bytes before", "bytes after", "note"), rows, footer)
+
+
+_KERNEL_NAMES = {
+    ("static", "dot"): "int8 W8A8 dot (static)",
+    ("dynamic", "dot"): "int8 W8A8 dot (dynamic)",
+    ("weight_only", "dot"): "weight-only dot",
+    ("static", "conv"): "int8 W8A8 conv (static)",
+    ("dynamic", "conv"): "int8 W8A8 conv (dynamic)",
+}
+
+
+def _site_report(site: Site, plan: SitePlan | None, entry: ConvertedSite, eqn, weight_bytes: int) -> SiteReport:
+    w_op = _any_weight_operand(site)
+    w_dtype = w_op.spec.dtype if w_op is not None and isinstance(w_op.spec, QuantizationSpec) else "float"
+    if plan is None:
+        return SiteReport(site.name, "eval (fake-quant)", "fake quant (eval)", w_dtype if w_op else "-",
+                          weight_bytes, weight_bytes, _plan_reason(site, eqn))
+    after = entry.weight.nbytes if entry.weight is not None else 0
+    if plan.kind == "dequantize":
+        return SiteReport(site.name, "dequantize", "dequantize + float op", w_dtype, weight_bytes, after, plan.reason)
+    return SiteReport(site.name, plan.kind, _KERNEL_NAMES[(plan.kind, plan.layout)], w_dtype, weight_bytes, after)
+
+
+# -- convert -------------------------------------------------------------------------------------------------
 
 
 def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: str = "auto",
             pad_batch_one: bool | None = None):
     """Convert a calibrated ``jquant.quantize`` function to integer execution.
 
+    ``args``: example arguments (weights at ``qf``'s ``params_argnums``); any batch size works later.
     ``weight_only_impl`` / ``conv_impl`` / ``pad_batch_one``: kernel choices (see ``weight_only_dot_general``,
-    ``int8_conv``, ``int8_matmul``; the defaults pick the fast path for the backend).
+    ``int8_conv``, ``int8_matmul``; the defaults pick the fast, exact path for the backend).
 
     Returns ``(int_fn, int_params)``: ``int_fn(int_params, *args_without_weights)`` (``int_params`` takes the
-    place of the weights argument) is jitted and runs the integer kernels at the converted sites.
-    ``int_fn.report`` is a ``ConversionReport`` (bytes before / after, execution kind per site).
+    place of the weights argument) is jitted and traced once per input signature. ``print(int_fn.report)``
+    shows per site which kernel runs, the weight bytes before / after, and why a site was not converted.
+    Raises ValueError listing static activation sites whose observers never ran (calibrate first).
     """
     if len(qf.params_argnums) != 1:
         raise ValueError(f"convert: needs a single weights argument, got params_argnums={qf.params_argnums}")
@@ -312,56 +443,78 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     plan = qf.plan(*args)
     validate_qstate(qstate, plan)
     flat_args = jax.tree_util.tree_leaves(args)
+    sites = {s.name: s for s in plan.quantized_sites}
 
-    # 1. capture the weight operand of every convertible site (stacked for scans).
+    # 1. capture the weight operand of every site (stacked for scans) and each site's equation.
     plans: dict[str, SitePlan] = {}
     eqns: dict[str, Any] = {}
     capture_states = {}
     for site in plan.quantized_sites:
-        w_op = _weight_operand(site)
+        w_op = _any_weight_operand(site)
         shape = w_op.shape if w_op is not None else ()
         capture_states[site.name] = {"w": jnp.zeros((*site.stack, *shape), jnp.float32)}
     captured = jax.jit(lambda st, fl: interpret(plan, _CaptureWeights(plans, eqns), st, *fl)[1])(
         capture_states, flat_args)
 
-    # 2. quantize them with the calibrated qparams; keep what the other sites need for eval mode.
-    sites = {s.name: s for s in plan.quantized_sites}
+    # 2. weight slots whose observers never ran take their qparams from the weights; static activation
+    #    slots that never ran cannot be made up.
+    qstate = _fill_unobserved_weights(qstate, sites, captured)
+    missing = unobserved_activations(qstate, plan)
+    if missing:
+        raise ValueError(
+            "convert: static activation observers never ran at these sites, so their qparams would be made up: "
+            f"{', '.join(missing)}. Calibrate first (qf.apply(qstate, ..., mode='calibrate') on representative "
+            "data), or use a dynamic / weight-only preset for them."
+        )
+
+    # 3. quantize the weights with the calibrated qparams; keep what the other sites need for eval mode.
     site_states = {}
     for name, site in sites.items():
         sp = plans.get(name)
+        eval_qparams = {key: slots.slot_qparams(slot) for key, slot in qstate[name].items()}
         if sp is None:
-            site_states[name] = qstate[name]
+            site_states[name] = ConvertedSite(eval=eval_qparams)
             continue
         w_key = site.operands[sp.weight_index].key
         qw = _stacked(lambda w, slot, s=site, p=sp: quantize_site_weight(s, eqns[s.name], p, w, slot),
                       len(site.stack))(captured[name]["w"], qstate[name][w_key])
-        entry = {"weight": qw}
         if sp.kind == "static":
             x_key = site.operands[sp.input_index].key
             scale, zp = _stacked(_slot_qparams, len(site.stack))(qstate[name][x_key])
-            entry["input"] = {"scale": scale, "zero_point": zp, "inv_scale": reciprocal(scale)}
+            site_states[name] = ConvertedSite(weight=qw, input=StaticInput(scale, zp, reciprocal(scale)))
         elif sp.kind == "dequantize":
-            entry["eval"] = dict(qstate[name])
-        site_states[name] = entry
+            site_states[name] = ConvertedSite(weight=qw, eval=eval_qparams)
+        else:
+            site_states[name] = ConvertedSite(weight=qw)
 
-    # 3. drop the float weight leaves that only fed converted sites.
+    # 4. drop the float weight leaves that only fed converted sites.
     weights = args[argnum]
     converted_paths = {sites[n].operands[p.weight_index].param_path for n, p in plans.items()}
     w_leaves, w_treedef = jax.tree_util.tree_flatten_with_path(weights)
     kept = [None if path_to_name(path) in converted_paths else leaf for path, leaf in w_leaves]
-    out_tree = plan.out_tree
     handler = IntHandler(plans, weight_only_impl=weight_only_impl, conv_impl=conv_impl, pad_batch_one=pad_batch_one)
     placeholders = [jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)) for _, leaf in w_leaves]
+    converted_names = set(sites)
 
     def run(stored: list, sites_state: dict, *rest):
         # converted weights are only reshaped/transposed before their site, which ignores them: dead code.
         leaves = [jnp.zeros(ph.shape, ph.dtype) if v is None else v for v, ph in zip(stored, placeholders,
                                                                                        strict=True)]
         full = (*rest[:argnum], jax.tree_util.tree_unflatten(w_treedef, leaves), *rest[argnum:])
-        outs, _ = interpret(plan, handler, sites_state, *jax.tree_util.tree_leaves(full))
-        return jax.tree_util.tree_unflatten(out_tree, outs)
+        call_plan = qf.plan(*full)  # traced once per input signature
+        names = {s.name for s in call_plan.quantized_sites}
+        if names != converted_names:
+            raise ValueError(
+                "int_fn: at these input shapes the function has other quantized sites than at conversion "
+                f"(new: {sorted(names - converted_names)}, missing: {sorted(converted_names - names)}); "
+                "convert again with example inputs of this structure"
+            )
+        outs, _ = interpret(call_plan, handler, sites_state, *jax.tree_util.tree_leaves(full))
+        return jax.tree_util.tree_unflatten(call_plan.out_tree, outs)
 
     def int_fn(int_params, *rest):
+        if not isinstance(int_params, dict) or set(int_params) != {"params", "sites"}:
+            raise TypeError("int_params: expected the dict returned by jquant.convert ({'params', 'sites'})")
         stored = jax.tree_util.tree_leaves(int_params["params"], is_leaf=lambda v: v is None)
         if len(stored) != len(placeholders):
             raise ValueError(f"int_params['params']: expected {len(placeholders)} leaves (None for converted "
@@ -370,14 +523,45 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
 
     kept = _restore_used(run, kept, [leaf for _, leaf in w_leaves], site_states, args, argnum)
     int_params = {"params": jax.tree_util.tree_unflatten(w_treedef, kept), "sites": site_states}
-    jitted = jax.jit(int_fn)
+    rows = []
+    for name, site in sites.items():
+        w_op = _any_weight_operand(site)
+        before = 0
+        if w_op is not None:
+            before = int(np.prod(captured[name]["w"].shape)) * np.dtype(w_op.dtype).itemsize
+        rows.append(_site_report(site, plans.get(name), site_states[name], eqns.get(name), before))
     report = ConversionReport(
         float_bytes=tree_nbytes(weights),
         int_bytes=tree_nbytes(int_params),
-        site_kinds={n: (plans[n].kind if n in plans else "eval (fake-quant)") for n in sites},
+        sites=tuple(rows),
+        backend=backend(),
     )
-    wrapped = _with_report(jitted, report)
-    return wrapped, int_params
+    return _with_report(jax.jit(int_fn), report), int_params
+
+
+def _fill_unobserved_weights(qstate: dict, sites: dict[str, Site], captured: dict) -> dict:
+    """A copy of ``qstate`` where weight slots whose observers never ran hold qparams observed on the weight."""
+    filled = {name: dict(site_slots) for name, site_slots in qstate.items()}
+    for name, site in sites.items():
+        for op in site.operands:
+            if op.role != "weight" or not stateful(op.spec):
+                continue
+            layout = layout_of(site, op.key, op.spec)
+            slot = qstate[name][op.key]
+            empty = np.asarray(slots.unobserved(op.spec, layout, slot))
+            if not empty.any():
+                continue
+
+            def from_weight(w, s, spec=op.spec, layout=layout):
+                return slots.observe(spec, layout, s, [w], set_learnable=True)
+
+            fresh = _stacked(from_weight, len(site.stack))(captured[name]["w"], slot)
+            filled[name][op.key] = jax.tree_util.tree_map(
+                lambda new, old, e=empty: jnp.where(jnp.reshape(e, e.shape + (1,) * (jnp.ndim(new) - e.ndim)),
+                                                    new, old),
+                fresh, slot,
+            )
+    return filled
 
 
 def _restore_used(run, kept, originals, site_states, args, argnum):
@@ -409,3 +593,4 @@ def _with_report(fn, report):
     int_fn.report = report
     int_fn.__doc__ = "Integer execution of the converted function: int_fn(int_params, *args_without_weights)."
     return int_fn
+

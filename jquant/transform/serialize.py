@@ -1,7 +1,8 @@
 """Save / load converted params (safetensors) and export integer functions with ``jax.export``.
 
 The safetensors file is self-describing: tensors are stored under their pytree path and the tree skeleton
-(dicts, lists, tuples, None, ``QuantizedWeight`` layout fields) is kept as JSON in the file's metadata, so
+(dicts, lists, tuples, jquant's named tuples, None, ``QuantizedWeight`` layout fields) is kept as JSON in the
+file's metadata, so
 ``load_int_params(path)`` needs no template. Exported functions take the params as a flat list of leaves, so
 jax's serialization needs no custom pytree registration.
 """
@@ -9,6 +10,7 @@ jax's serialization needs no custom pytree registration.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,6 +46,13 @@ def _encode(node: Any, path: str, tensors: dict[str, np.ndarray]) -> Any:
             if not isinstance(key, str):
                 raise TypeError(f"params: dict key {key!r} at {path or '<root>'} is not a string; cannot save it")
         return {"__dict__": {k: _encode(v, f"{path}/{k}", tensors) for k, v in node.items()}}
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+        cls = type(node)
+        if not cls.__module__.startswith("jquant."):
+            raise TypeError(f"params: cannot save a {cls.__name__} at {path or '<root>'}; only jquant's named "
+                            "tuples (qparams, converted sites, observer states) are stored by type")
+        fields = {k: _encode(v, f"{path}/{k}", tensors) for k, v in zip(cls._fields, node, strict=True)}
+        return {"__namedtuple__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
     if isinstance(node, list | tuple):
         kind = "__list__" if isinstance(node, list) else "__tuple__"
         return {kind: [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(node)]}
@@ -82,7 +91,29 @@ def _decode(spec: Any, tensors: Mapping[str, np.ndarray], where: str = "<root>",
             return build(_decode(v, tensors, f"{where}/{i}", depth + 1) for i, v in enumerate(items))
     if "__quantized_weight__" in spec:
         return _decode_quantized_weight(spec["__quantized_weight__"], tensors, where, depth)
+    if "__namedtuple__" in spec:
+        cls = _named_tuple_class(spec["__namedtuple__"], where)
+        fields = spec.get("fields")
+        if not isinstance(fields, dict) or tuple(fields) != tuple(cls._fields):
+            raise _BadFile(f"entry {where}: {cls.__name__} needs the fields {list(cls._fields)}")
+        return cls(*(_decode(v, tensors, f"{where}/{k}", depth + 1) for k, v in fields.items()))
     raise _BadFile(f"entry {where}: unknown node {sorted(map(str, spec))} in the stored tree skeleton")
+
+
+def _named_tuple_class(name: Any, where: str) -> type:
+    """The jquant named-tuple class ``module:qualname``; nothing outside jquant is imported."""
+    if not isinstance(name, str) or ":" not in name or not name.startswith("jquant."):
+        raise _BadFile(f"entry {where}: {name!r} is not a jquant named tuple type")
+    module_name, qualname = name.split(":", 1)
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        raise _BadFile(f"entry {where}: unknown jquant type {name!r} (saved by another jquant version?)") from None
+    if not (isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")):
+        raise _BadFile(f"entry {where}: {name!r} is not a named tuple type")
+    return obj
 
 
 def _tensor(spec: dict, tensors: Mapping[str, np.ndarray], where: str) -> np.ndarray:
@@ -173,6 +204,11 @@ def _check_quantized_weight(fields: dict[str, Any], where: str) -> None:
     for axis in fields.get("sum_axes") or ():
         if not -ndim <= axis < ndim:
             raise bad(f"sum_axes entry {axis} is out of range for shape {shape}")
+    if fields.get("qvalue") is None:
+        if fields.get("kernel_data") is None or not fields.get("sum_axes"):
+            raise bad("qvalue is missing and there is no packed kernel copy (kernel_data, sum_axes) to unpack")
+        _check_scale(fields, shape, block, bad)
+        return
     qvalue = np.asarray(fields["qvalue"])
     want = list(shape)
     if fields.get("packed"):
@@ -186,6 +222,10 @@ def _check_quantized_weight(fields: dict[str, Any], where: str) -> None:
     if qvalue.shape != tuple(want) or qvalue.dtype != want_dtype:
         raise bad(f"qvalue is {qvalue.dtype}{qvalue.shape}, the declared shape {shape} needs "
                   f"{np.dtype(want_dtype)}{tuple(want)}")
+    _check_scale(fields, shape, block, bad)
+
+
+def _check_scale(fields: dict[str, Any], shape: tuple, block: tuple, bad: Callable[[str], Exception]) -> None:
     counts = tuple(n // b for n, b in zip(shape, block, strict=True))
     scale = np.asarray(fields["scale"])
     if scale.size != int(np.prod(counts)) or not np.issubdtype(scale.dtype, np.floating):

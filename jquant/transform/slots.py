@@ -188,3 +188,27 @@ def fake_quant(
             quant_max=spec.quant_max,
         )
     return layout.from_view(out)
+
+
+def unobserved(spec: QuantizationSpec, layout: Layout, slot: Slot) -> jax.Array:
+    """True (a bool array, one per scan iteration when stacked) where the slot's observer never saw a tensor:
+    its state still equals the observer's initial state. Observers without state count as observed."""
+    observer = observer_for(spec, layout)
+    fresh = jax.tree_util.tree_leaves(observer.init(jnp.zeros(layout.view_shape, jnp.float32)))
+    leaves = jax.tree_util.tree_leaves(slot.observer)
+    if not fresh:
+        return jnp.zeros((), bool)
+    stack = jnp.ndim(leaves[0]) - jnp.ndim(fresh[0])
+    same = [
+        jnp.all(jnp.asarray(a) == jnp.asarray(b), axis=tuple(range(stack, jnp.ndim(a))))
+        for a, b in zip(leaves, fresh, strict=True)
+    ]
+    return jnp.all(jnp.stack(same), axis=0)
+
+
+def filled_from_weight(spec: QuantizationSpec, layout: Layout, slot: Slot, w: jax.Array) -> Slot:
+    """``slot``, or where its observer never ran, the slot observed on the weight ``w`` itself (a weight's
+    qparams never depend on data, so ``int8_dynamic`` / weight-only presets work straight after ``init``)."""
+    empty = unobserved(spec, layout, slot)
+    fresh = observe(spec, layout, slot, [w], set_learnable=True)
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(empty, new, old), fresh, slot)

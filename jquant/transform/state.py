@@ -26,10 +26,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jquant.transform.handler import init_site_state
+from jquant.transform.handler import init_site_state, layout_of, stateful
 from jquant.transform.plan import Plan
-from jquant.transform.slots import LearnableSlot, QParams
+from jquant.transform.slots import LearnableSlot, QParams, unobserved
 
 
 def init_qstate(plan: Plan) -> dict:
@@ -107,3 +108,17 @@ def merge_learnable(qstate: dict, learnable: dict) -> dict:
             scale, zero_point = value
             merged[site][key] = slot._replace(scale=scale, zero_point=zero_point)
     return merged
+
+
+def unobserved_activations(qstate: dict, plan: Plan) -> list[str]:
+    """``"site (key)"`` for every static activation / output slot whose observer never ran (concrete qstate)."""
+    missing = []
+    for site in plan.quantized_sites:
+        for key, spec in site.specs.items():
+            if key == "weight" or not stateful(spec):
+                continue
+            if key != "output" and site.operand(key).role == "weight":
+                continue
+            if bool(np.asarray(unobserved(spec, layout_of(site, key, spec), qstate[site.name][key])).any()):
+                missing.append(f"{site.name} ({key})")
+    return missing

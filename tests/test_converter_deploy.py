@@ -1,0 +1,107 @@
+"""A converted function ships: any batch, vmap, jax.export with a symbolic batch, no calibration where none is
+needed, an error where it is, NaN rows stay NaN, a per-site report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jquant
+from jquant import presets
+
+RNG = np.random.default_rng(3)
+
+
+def mlp(params, x):
+    h = jax.nn.relu(x @ params["l0"]["w"] + params["l0"]["b"])
+    return h @ params["l1"]["w"] + params["l1"]["b"]
+
+
+def _params():
+    return {
+        "l0": {"w": jnp.asarray(RNG.standard_normal((32, 64)) / 6, jnp.float32), "b": jnp.zeros(64, jnp.float32)},
+        "l1": {"w": jnp.asarray(RNG.standard_normal((64, 16)) / 8, jnp.float32), "b": jnp.ones(16, jnp.float32)},
+    }
+
+
+def _converted(config=None, batch=64):
+    params = _params()
+    x = jnp.asarray(RNG.standard_normal((batch, 32)), jnp.float32)
+    qf = jquant.quantize(mlp, config)
+    qstate = qf.init(params, x)
+    _, qstate = qf.apply(qstate, params, x, mode="calibrate")
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
+    return qf, qstate, params, int_fn, int_params
+
+
+@pytest.mark.parametrize("config", [None, presets.int8_dynamic(), presets.int4_weight_only(group_size=16)])
+def test_converted_once_runs_at_every_batch_and_under_vmap(config):
+    qf, qstate, params, int_fn, int_params = _converted(config, batch=64)
+    for batch in (1, 3, 64, 100):
+        x = jnp.asarray(RNG.standard_normal((batch, 32)), jnp.float32)
+        expected, _ = qf.apply(qstate, params, x, mode="eval")
+        np.testing.assert_allclose(int_fn(int_params, x), expected, atol=2e-3, rtol=1e-3)
+    xs = jnp.asarray(RNG.standard_normal((5, 2, 32)), jnp.float32)
+    stacked = jax.vmap(lambda v: int_fn(int_params, v))(xs)
+    looped = jnp.stack([int_fn(int_params, v) for v in xs])
+    np.testing.assert_allclose(stacked, looped, atol=1e-5)
+
+
+def test_export_with_a_symbolic_batch_runs_at_several_batch_sizes():
+    _, _, _, int_fn, int_params = _converted()
+    (b,) = jax.export.symbolic_shape("b")
+    blob = jquant.export_int_fn(int_fn, int_params, jax.ShapeDtypeStruct((b, 32), jnp.float32))
+    loaded = jquant.load_exported(blob)
+    for batch in (1, 7, 64):
+        x = jnp.asarray(RNG.standard_normal((batch, 32)), jnp.float32)
+        np.testing.assert_allclose(loaded(int_params, x), int_fn(int_params, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [presets.int8_dynamic(), presets.int8_weight_only(), presets.int4_weight_only()])
+def test_weight_qparams_need_no_calibration(config):
+    """Straight after init, eval and convert quantize the weights with qparams observed on the weights."""
+    params = _params()
+    x = jnp.asarray(RNG.standard_normal((8, 32)), jnp.float32)
+    qf = jquant.quantize(mlp, config)
+    qstate = qf.init(params, x)
+    out, _ = qf.apply(qstate, params, x, mode="eval")
+    _, calibrated = qf.apply(qstate, params, x, mode="calibrate")
+    expected, _ = qf.apply(calibrated, params, x, mode="eval")
+    np.testing.assert_array_equal(out, expected)
+    assert float(jnp.max(jnp.abs(out - mlp(params, x)))) < 0.2  # not scale-1 garbage
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
+    np.testing.assert_allclose(int_fn(int_params, x), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_static_sites_that_never_ran_are_an_error_at_convert_and_a_warning_at_eval():
+    params = _params()
+    x = jnp.asarray(RNG.standard_normal((8, 32)), jnp.float32)
+    qf = jquant.quantize(mlp)
+    qstate = qf.init(params, x)
+    with pytest.raises(ValueError, match=r"never ran.*l0/w/dot_general \(input\).*l1/w/dot_general \(input\)"):
+        jquant.convert(qf, qstate, params, x)
+    with pytest.warns(UserWarning, match="never ran"):
+        qf.apply(qstate, params, x, mode="eval")
+
+
+@pytest.mark.parametrize("config", [None, presets.int8_dynamic()])
+def test_nan_rows_stay_nan_and_other_rows_are_unaffected(config):
+    qf, qstate, params, int_fn, int_params = _converted(config, batch=8)
+    x = jnp.asarray(RNG.standard_normal((8, 32)), jnp.float32)
+    clean = int_fn(int_params, x)
+    poisoned = int_fn(int_params, x.at[0, 3].set(jnp.nan))
+    assert bool(jnp.all(jnp.isnan(poisoned[0])))
+    np.testing.assert_allclose(poisoned[1:], clean[1:], atol=1e-5) if config is None else None
+    assert bool(jnp.all(jnp.isfinite(poisoned[1:])))
+    expected, _ = qf.apply(qstate, params, x.at[0, 3].set(jnp.nan), mode="eval")
+    assert bool(jnp.all(jnp.isnan(expected[0])))
+
+
+def test_report_is_a_per_site_table_with_totals():
+    _, _, _, int_fn, _ = _converted(presets.int8_static(exclude=["l1"]))
+    text = str(int_fn.report)
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["site", "kernel"]
+    assert any(line.startswith("l0/w/dot_general") and "int8 W8A8 dot (static)" in line for line in lines)
+    assert lines[-1].startswith("total") and "smaller" in lines[-1]
+    assert "l1" not in text.split("total")[0]  # excluded sites are not quantized sites: not listed
