@@ -119,7 +119,7 @@ def validate_record(rec: QParamRecord) -> None:
     bad = ~np.isfinite(s64) | (s64 <= 0) | ~np.isfinite(s32) | (np.abs(s32) < tiny)
     if bad.any():
         i = int(np.argmax(bad))
-        v = s64[i]
+        v = float(s64[i])
         what = (
             "NaN"
             if np.isnan(v)
@@ -149,7 +149,7 @@ def validate_record(rec: QParamRecord) -> None:
         if not np.all(np.isfinite(flat)) or not np.array_equal(flat, np.round(flat)):
             i = int(np.argmax(~np.isfinite(flat) | (flat != np.round(flat))))
             raise InteropError(
-                f"{zkey}: {where} zero point {flat[i]!r} is not an integer but qscheme {rec.qscheme} needs one"
+                f"{zkey}: {where} zero point {float(flat[i])!r} is not an integer but qscheme {rec.qscheme} needs one"
             )
     elif not np.issubdtype(zp.dtype, np.integer) and zp.dtype != np.bool_:
         raise InteropError(f"{zkey}: {where} zero point has dtype {zp.dtype}, not an integer")
@@ -159,14 +159,14 @@ def validate_record(rec: QParamRecord) -> None:
     if out.any():
         i = int(np.argmax(out))
         at = f" at index {i}" if flat.size > 1 else ""
-        how = "inferred " if "quant_min" in rec.inferred else ""
+        how = "inferred " if {"dtype", "quant_min"} & set(rec.inferred) else ""
         hint = (
             "pass model= (the torch module) so the real dtype and range are read"
             if how
             else "fix the checkpoint or recalibrate this module"
         )
         raise InteropError(
-            f"{zkey}: {where} zero point{at} is {int(flat[i]) if flat.dtype.kind in 'iu' else flat[i]!r} "
+            f"{zkey}: {where} zero point{at} is {int(flat[i]) if flat.dtype.kind in 'iu' else float(flat[i])!r} "
             f"({flat.dtype}), outside the {how}{rec.dtype} range [{lo}, {hi}]; {hint}"
         )
 
