@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from interop.qparams import QParamRecord, QParamTable, read_torch_qparams, write_torch_qparams
+from interop.qparams import QParamRecord, QParamTable, read_torch_qparams, write_gpt_fast, write_torch_qparams
 from interop.qsites import SiteLink, link_sites, qparams_to_qstate, qstate_to_qparams
 from jquant.text_table import format_table
 
@@ -56,19 +56,28 @@ def export_qparams(
     sites: Iterable[Any] | None = None,
     links: Sequence[SiteLink] | None = None,
     strict: bool = True,
+    layout: str = "torch",
 ) -> dict[str, Any]:
     """A torch state_dict with qparams written into ``template`` (a ``prepare_qat`` / FX reference
     module or its state_dict); it loads with ``load_state_dict(strict=True)``.
 
     ``source`` is a QParamTable, or a jquant qstate together with ``sites`` and ``links`` (the link
     table used to import it, or one built with :func:`interop.link_sites`).
+
+    ``layout="gpt_fast"`` writes gpt-fast's weight-only layout instead (``template``: the float state_dict or
+    module; see :func:`interop.qparams.write_gpt_fast`): int8 ``weight`` + ``scales``, int4 CPU-packed
+    ``weight`` + ``scales_and_zeros``.
     """
+    if layout not in ("torch", "gpt_fast"):
+        raise ValueError(f"export_qparams: layout {layout!r} is not 'torch' or 'gpt_fast'")
     if _is_table(source):
         table = source
     else:
         if sites is None or links is None:
             raise ValueError("export_qparams: a qstate needs sites (qf.sites) and links (interop.link_sites)")
         table = qstate_to_qparams(source, list(sites), links)
+    if layout == "gpt_fast":
+        return write_gpt_fast(table, template)
     return write_torch_qparams(table, template, strict=strict)
 
 

@@ -556,7 +556,102 @@ def _read_torchao(state, metadata, table, used) -> None:
         used.update(keys)
 
 
+# torch's CPU int4 pack (``_convert_weight_to_int4pack_for_cpu``, what gpt-fast writes with use_cuda=False) depends
+# on the instruction set torch was built for: (row block, lanes) of its AVX2 and AVX512 kernels, then the plain one
+_CPU_INT4_LAYOUTS = (("avx2", 32, 16), ("avx512", 64, 16), ("generic", 64, 0))
+
+
+def _unpack_cpu_int4(packed: np.ndarray, n: int, k: int, block: int, lanes: int) -> np.ndarray:
+    """(n, k) values 0..15 from torch's CPU int4 pack: row blocks of ``block``; a full block interleaves row
+    groups of ``lanes`` (byte ``k * block / 2 + d`` holds rows ``d`` and ``d + block / 2``, AVX512 two such
+    halves); a partial block (or ``lanes == 0``) packs row pairs, the even row in the low nibble."""
+    flat = np.asarray(packed).reshape(-1)
+    out = np.zeros((n, k), np.int32)
+    start = 0
+    for b0 in range(0, n, block):
+        nb = min(block, n - b0)
+        seg = flat[start : start + nb * k // 2].astype(np.int32)
+        start += nb * k // 2
+        if nb == block and lanes:
+            half = block // lanes // 2
+            seg = seg.reshape(k, half, lanes)
+            for g in range(half):
+                out[b0 + g * lanes : b0 + (g + 1) * lanes] = (seg[:, g, :] & 15).T
+                out[b0 + (g + half) * lanes : b0 + (g + half + 1) * lanes] = (seg[:, g, :] >> 4).T
+        else:
+            seg = seg.reshape(k, nb // 2)
+            out[b0 : b0 + nb : 2] = (seg & 15).T
+            out[b0 + 1 : b0 + nb : 2] = (seg >> 4).T
+    return out
+
+
+def _pack_cpu_int4(values: np.ndarray, inner_k_tiles: int = 2) -> np.ndarray:
+    """torch's own CPU int4 pack of (n, k) values 0..15 (gpt-fast's ``WeightOnlyInt4Linear`` on CPU)."""
+    from interop._torch import require_torch
+
+    torch = require_torch("writing gpt-fast int4 weights")
+    w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, inner_k_tiles).numpy()
+
+
+def _gpt_fast_int4_values(key: str, packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Unpack with the layout whose re-pack by this torch gives the same bytes (the layout is ISA-specific)."""
+    if packed.ndim != 2 or packed.dtype != np.uint8 or packed.shape != (n, k // 2):
+        raise InteropError(
+            f"{key}: gpt-fast int4 weight {packed.dtype} {packed.shape} is not the CPU layout uint8 ({n}, {k // 2}) "
+            "(the CUDA tinygemm layout is not supported: re-export the checkpoint on CPU, use_cuda=False)"
+        )
+    for _name, block, lanes in _CPU_INT4_LAYOUTS:
+        values = _unpack_cpu_int4(packed, n, k, block, lanes)
+        if np.array_equal(_pack_cpu_int4(values), packed):
+            return values
+    raise InteropError(
+        f"{key}: gpt-fast int4 weight in a CPU layout this torch build does not write (torch's CPU int4 pack depends "
+        "on the instruction set: AVX2 / AVX512); read it on a machine like the one that wrote it"
+    )
+
+
+def _read_gpt_fast_int4(state, table, used) -> None:
+    for key in [k for k in state if k.endswith(".scales_and_zeros") and k not in used]:
+        module = key[: -len(".scales_and_zeros")]
+        wkey = f"{module}.weight"
+        sz = np.asarray(state[key])
+        if wkey not in state or sz.ndim != 3 or sz.shape[2] != 2:
+            raise InteropError(f"{key}: gpt-fast scales_and_zeros {sz.shape} needs (K / group, N, 2) and {wkey!r}")
+        groups, n, _ = sz.shape
+        packed = np.asarray(state[wkey])
+        k = packed.shape[-1] * 2 if packed.ndim == 2 else -1
+        if k <= 0 or k % groups:
+            raise InteropError(f"{wkey}: gpt-fast int4 weight {packed.shape} does not match {key} {sz.shape}")
+        values = _gpt_fast_int4_values(wkey, packed, n, k)
+        scale = np.ascontiguousarray(sz[:, :, 0].T)
+        zero = np.ascontiguousarray(sz[:, :, 1].T)
+        # gpt-fast: w = (q - 8) * scale + zero, q in 0..15  ==  (q_signed - zp) * scale with zp = -zero / scale
+        zp = -zero.astype(np.float64) / scale.astype(np.float64)
+        integral = np.all(np.abs(zp - np.round(zp)) < 1e-3)
+        _add(
+            table,
+            QParamRecord(
+                module=module,
+                role="weight",
+                scale=scale,
+                zero_point=np.round(zp).astype(np.int32) if integral else zp.astype(np.float32),
+                axis=0,
+                dtype="int4",
+                qscheme="per_channel_affine" if integral else "per_channel_affine_float_qparams",
+                quant_min=-8,
+                quant_max=7,
+                source="gpt_fast",
+                block_size=(1, k // groups),
+                qdata=(values - 8).astype(np.int8),
+                torch_keys=(wkey, key),
+            ),
+        )
+        used.update((wkey, key))
+
+
 def _read_gpt_fast(state, table, used) -> None:
+    _read_gpt_fast_int4(state, table, used)
     for key in [k for k in state if k.endswith(".scales") and k not in used]:
         module = key[: -len(".scales")]
         weight = state.get(f"{module}.weight")
@@ -623,6 +718,73 @@ def write_torch_qparams(table: QParamTable, template: Any, *, strict: bool = Tru
     if unplaced and strict:
         raise InteropError(f"export_qparams: no matching torch buffers for {unplaced}")
     return out
+
+
+def write_gpt_fast(table: QParamTable, template: Any = None, *, inner_k_tiles: int = 2) -> dict[str, Any]:
+    """A gpt-fast state_dict: every weight record as gpt-fast's weight-only layout.
+
+    * int8 per-channel symmetric (axis 0): ``<m>.weight`` int8 (out, in) and ``<m>.scales`` (out,);
+    * int4 / uint4 per group along the input dim (``block_size (1, g)``): ``<m>.weight`` in torch's CPU int4 pack
+      (``_convert_weight_to_int4pack_for_cpu``, gpt-fast with use_cuda=False) and ``<m>.scales_and_zeros``
+      (in / g, out, 2) with gpt-fast's float zero: ``w = (q - 8) * scale + zero`` (``zero = -zp * scale`` for int4).
+
+    The integer weights are the records' ``qdata``; records without (a jquant qstate) quantize the float
+    ``<m>.weight`` of ``template`` (a torch state_dict or module) with their qparams, dividing as gpt-fast does.
+    Every other template entry is copied. Reading the result back (``read_torch_qparams``) gives the records.
+    """
+    from interop._torch import require_torch
+
+    torch = require_torch("export_qparams(layout='gpt_fast')")
+    state = template.state_dict() if hasattr(template, "state_dict") else dict(template or {})
+    out = {k: v for k, v in state.items()}
+    for module, roles in table.items():
+        rec = roles.get("weight")
+        if rec is None:
+            continue
+        wkey = f"{module}.weight"
+        int8 = rec.dtype == "int8" and rec.block_size is None and rec.axis == 0 and not np.any(rec.zero_point)
+        int4 = rec.dtype in ("int4", "uint4") and rec.block_size is not None and rec.block_size[0] == 1
+        if not (int8 or int4):
+            raise InteropError(
+                f"export_qparams(layout='gpt_fast'): {module} (weight) is {rec.dtype} {rec.qscheme} block "
+                f"{rec.block_size}; gpt-fast has int8 per-channel symmetric and int4 per-group (block (1, g)) layouts"
+            )
+        q = rec.qdata
+        if q is None:
+            if wkey not in state:
+                raise InteropError(
+                    f"export_qparams(layout='gpt_fast'): record {module} (weight) has no integer data "
+                    f"and the template has no float {wkey!r} to quantize"
+                )
+            q = _quantize_like_gpt_fast(np.asarray(state[wkey].detach().float().numpy()), rec)
+        q = np.asarray(q)
+        if int8:
+            out[wkey] = torch.from_numpy(q.astype(np.int8))
+            out[f"{module}.scales"] = torch.from_numpy(np.array(rec.scale, copy=True).reshape(-1))
+        else:
+            n, k = q.shape
+            group = rec.block_size[1]
+            scale = np.asarray(rec.scale, np.float32).reshape(n, k // group)
+            zp = np.asarray(rec.zero_point).reshape(n, k // group)
+            offset = 8 if rec.dtype == "int4" else 0  # gpt-fast stores q + 8 in 0..15
+            zero = ((offset - 8) - zp.astype(np.float32)) * scale
+            out[wkey] = torch.from_numpy(_pack_cpu_int4(q.astype(np.int32) + offset, inner_k_tiles))
+            out[f"{module}.scales_and_zeros"] = torch.from_numpy(np.stack([scale.T, zero.T], axis=-1).copy())
+    return out
+
+
+def _quantize_like_gpt_fast(w: np.ndarray, rec: QParamRecord) -> np.ndarray:
+    """Integer weights from float ``w`` (out, in) and the record's qparams: ``round(w / scale) + zp``, clamped."""
+    n, k = w.shape
+    if rec.block_size is not None:
+        group = rec.block_size[1]
+        scale = np.repeat(np.asarray(rec.scale, np.float32).reshape(n, k // group), group, axis=1)
+        zp = np.repeat(np.asarray(rec.zero_point, np.float32).reshape(n, k // group), group, axis=1)
+    else:
+        scale = np.asarray(rec.scale, np.float32).reshape(n, 1)
+        zp = np.asarray(rec.zero_point, np.float32).reshape(n, 1)
+    q = np.round(w.astype(np.float32) / scale) + zp
+    return np.clip(q, rec.quant_min, rec.quant_max).astype(np.int8 if rec.quant_min < 0 else np.uint8)
 
 
 def _targets(module: str, role: str, state: Mapping[str, Any]) -> tuple[str | None, ...] | None:
