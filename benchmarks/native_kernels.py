@@ -105,10 +105,10 @@ def gemm_rows(rng, reps) -> list[tuple]:
                 jax.jit(lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32)), a8, w8),
         }
         if native_kernels.use_native():
-            packed, offset = packing.pack_s8_k4(w8), -128 * jnp.sum(w8.astype(jnp.int32), axis=0)
-            gemm = jax.jit(lambda a, p, o, n=n: native_kernels.gemm_s8(a, p, o, n=n))
-            np.testing.assert_array_equal(gemm(a8, packed, offset), lax.dot(a8, w8, preferred_element_type=jnp.int32))
-            fns[("jquant native int8 GEMM (packed once)", backend())] = _ready(gemm, a8, packed, offset)
+            packed, colsum = packing.pack_s8_k4(w8), jnp.sum(w8.astype(jnp.int32), axis=0)
+            gemm = jax.jit(lambda a, p, s, n=n: native_kernels.gemm_s8(a, p, s, n=n))
+            np.testing.assert_array_equal(gemm(a8, packed, colsum), lax.dot(a8, w8, preferred_element_type=jnp.int32))
+            fns[("jquant native int8 GEMM (packed once)", backend())] = _ready(gemm, a8, packed, colsum)
         res = median_ms(fns, reps)
         tx, tw = torch.randn(m, k), torch.randn(k, n)
         tfns = {("torch f32", "torch"): _torch_call(torch.matmul, tx, tw)}

@@ -42,6 +42,7 @@ def _ints(dtype, *shape):
 
 def _both(fn, *args):
     """``fn(*args)`` jitted with the native kernels and with the XLA kernels (fresh traces each)."""
+    assert "jquant_" in str(jax.make_jaxpr(fn)(*args)), "the native kernels were not used"
     got = jax.jit(lambda *a: fn(*a))(*args)
     with xla_kernels():
         ref = jax.jit(lambda *a: fn(*a))(*args)
@@ -126,6 +127,7 @@ def test_weight_only_is_exact_up_to_summation_order(dtype, group_size, x_dtype):
     x, w = _normal(3, k).astype(x_dtype), _normal(k, n)
     qw = pack_weight(quantize_weight(w, dtype=dtype, axis=-1, group_size=group_size,
                                      group_axis=0 if group_size else None), (0,))
+    assert "jquant_weight_only" in str(jax.make_jaxpr(lambda x, qw: weight_only_dot_general(x, qw, DENSE))(x, qw))
     got = jax.jit(lambda x, qw: weight_only_dot_general(x, qw, DENSE))(x, qw)
     ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qw.dequantize(), np.float64)
     assert got.dtype == x_dtype

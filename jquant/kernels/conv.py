@@ -16,6 +16,7 @@ a kernel packed ahead of time by ``pack_conv_weight`` is used without repacking 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -113,17 +114,17 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     xp = lax.pad(x_cl, x_zp.astype(jnp.int8), config)  # pad with the zero point: padded values mean 0.0
     sums = jnp.sum(k_sf.astype(jnp.int32), axis=tuple(range(nsp + 1)))  # (out,)
     k_size = int(np.prod(k_sf.shape[:-1]))
+    if (impl == "auto" and feature_group_count <= NATIVE_MAX_GROUPS
+            and native.use_native_gemm(math.prod(xp.shape[:-1]))):
+        y = _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, feature_group_count,
+                         bias_q, dn)
+        inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+        return y, inverse, out_axis
     if impl == "auto":
         impl = "float" if k_size < SMALL_K else ("im2col" if feature_group_count == 1 else "conv")
     spatial = "".join("HWDABCEFG"[:nsp])
     channels_last = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     centered = False
-    if (impl == "auto" and feature_group_count <= NATIVE_MAX_GROUPS
-            and native.use_native_gemm(int(np.prod(xp.shape[:-1])))):
-        y = _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, feature_group_count,
-                         bias_q, dn)
-        inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
-        return y, inverse, out_axis
     if impl == "float":
         if k_size * 128 * 255 >= 2**24:
             raise ValueError(f"impl: 'float' is exact only for small contractions; this conv has {k_size} terms")
@@ -169,11 +170,9 @@ def _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilat
         else:
             kg = k_sf[..., g * og:(g + 1) * og].reshape(-1, og)
             packed, colsum = packing.pack_s8_k4(kg), jnp.sum(kg.astype(jnp.int32), axis=0)
-        # The kernel multiplies (xq + 128) as u8; padding carries the zero point, so this correction is exact.
-        offset = -(x_zp + 128) * colsum
-        if bias_q is not None:
-            offset = offset + bias_q[g * og:(g + 1) * og]
-        outs.append(native.gemm_s8(patches, packed, offset, n=og, out="float32",
+        # Padding carries the zero point, so the kernel's zero-point correction is exact.
+        outs.append(native.gemm_s8(patches, packed, colsum, n=og, out="float32", a_zero_point=x_zp,
+                                   col_offset=None if bias_q is None else bias_q[g * og:(g + 1) * og],
                                    col_scale=col_scale[g * og:(g + 1) * og]))
     return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
 

@@ -13,6 +13,7 @@ weight group and symmetric weights; weight-only int8 / int4 with symmetric weigh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -150,20 +151,18 @@ def _native_int8_operand(w: QuantizedWeight, cw: CanonicalWeight, layout: DotLay
 
 def _native_int8_dot(xq2, x_zp, packed, colsum, *, n, row_scale, col_scale, bias_q=None, bias_f=None, relu=False,
                      out_scale=None, out_zero_point=0, out_dtype="uint8", out_quant_min=None, out_quant_max=None):
-    """The native GEMM of int8 (shifted) activations ``xq2 (M, K)`` with the whole epilogue; ``x_zp`` per tensor."""
-    # The kernel multiplies (xq + 128) as u8: subtract (x_zp + 128) * colsum to get sum (xq - x_zp) * w.
-    offset = -(jnp.asarray(x_zp, jnp.int32).reshape(()) + 128) * colsum
-    if bias_q is not None:
-        offset = offset + bias_q
-    kw = dict(n=n, row_scale=row_scale, col_scale=col_scale, bias=bias_f, relu=relu)
+    """The native GEMM of int8 (shifted) activations ``xq2 (M, K)`` with the whole epilogue; ``x_zp`` per tensor
+    or per row."""
+    kw = dict(n=n, a_zero_point=x_zp, col_offset=bias_q, row_scale=row_scale, col_scale=col_scale, bias=bias_f,
+              relu=relu)
     if out_scale is None:
-        return native.gemm_s8(xq2, packed, offset, out="float32", **kw)
+        return native.gemm_s8(xq2, packed, colsum, out="float32", **kw)
     storage = jnp.dtype(storage_dtype(out_dtype))
     qmin, qmax = qrange(out_dtype, out_quant_min, out_quant_max)
     if storage not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):  # e.g. int4 outputs: requantize in XLA
-        y = native.gemm_s8(xq2, packed, offset, out="float32", **kw)
+        y = native.gemm_s8(xq2, packed, colsum, out="float32", **kw)
         return _requantize(y, out_scale, out_zero_point, out_dtype, out_quant_min, out_quant_max)
-    return native.gemm_s8(xq2, packed, offset, out=str(storage), qmin=qmin, qmax=qmax,
+    return native.gemm_s8(xq2, packed, colsum, out=str(storage), qmin=qmin, qmax=qmax,
                           out_inv_scale=reciprocal(jnp.asarray(out_scale, jnp.float32)).reshape(()),
                           out_zero_point=out_zero_point, **kw)
 
@@ -216,7 +215,7 @@ def int8_dot_general(
             derived = x_scale * cw.scale[0]
             bias_q = jnp.round(bias_f / derived).astype(jnp.int32)
             bias_f = None
-    if _native_w8a8_ok(w, cw, int(np.prod([x.shape[a] for a in layout.x_free]))):
+    if _native_w8a8_ok(w, cw, math.prod(x.shape[a] for a in layout.x_free)):
         packed, colsum = _native_int8_operand(w, cw, layout)
         y = _native_int8_dot(layout.x_matrix(xq), x_zp, packed, colsum, n=cw.q.shape[1], row_scale=None,
                              col_scale=x_scale * cw.scale[0], bias_q=bias_q, bias_f=bias_f, relu=relu,
@@ -256,7 +255,7 @@ def dynamic_int8_dot_general(
     dtype = act_dtype or ("int8" if symmetric else "uint8")
     x_scale, x_zp = dynamic_qparams(x2, axes, symmetric=symmetric, dtype=dtype)
     xq, x_zp = quantize_activation(x2, x_scale, x_zp, dtype=dtype)
-    if _native_w8a8_ok(w, cw, xq.shape[0]) and x_zp.size == 1:
+    if _native_w8a8_ok(w, cw, xq.shape[0]):
         packed, colsum = _native_int8_operand(w, cw, layout)
         y = _native_int8_dot(xq, x_zp, packed, colsum, n=cw.q.shape[1], row_scale=x_scale, col_scale=cw.scale[0])
         if bias is not None:

@@ -29,8 +29,7 @@ def int8_matmul(xq: jnp.ndarray, wq: jnp.ndarray, *, pad_batch_one: bool | None 
     """
     if native.use_native_gemm(xq.shape[0]) and xq.dtype in (jnp.int8, jnp.uint8) and wq.dtype == jnp.int8:
         colsum = jnp.sum(wq.astype(jnp.int32), axis=0)
-        offset = -128 * colsum if xq.dtype == jnp.int8 else jnp.zeros_like(colsum)
-        return native.gemm_s8(xq, packing.pack_s8_k4(wq), offset, n=wq.shape[1])
+        return native.gemm_s8(xq, packing.pack_s8_k4(wq), colsum, n=wq.shape[1])
     if pad_batch_one is None:
         pad_batch_one = use_batch_one_padding()
     rows = xq.shape[0]

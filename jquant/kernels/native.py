@@ -238,7 +238,14 @@ AVX2_GEMM_MAX_ROWS = 128
 def use_native_gemm(rows: int) -> bool:
     """Whether a W8A8 GEMM with ``rows`` activation rows traced now takes the native path."""
     name = backend()
-    return name != "xla" and not (name == "native-avx2" and rows >= AVX2_GEMM_MAX_ROWS)
+    if name == "xla":
+        return False
+    if name != "native-avx2":
+        return True
+    try:  # a symbolic row count (jax.export) that may be large: XLA's dot, as for many rows
+        return bool(rows < AVX2_GEMM_MAX_ROWS)
+    except Exception:
+        return False
 
 
 @contextlib.contextmanager
@@ -273,12 +280,27 @@ def _require() -> None:
 OUT_KINDS = {"int32": (0, jnp.int32), "float32": (1, jnp.float32), "uint8": (2, jnp.uint8), "int8": (3, jnp.int8)}
 
 
+def _per_row(value: Any, rows_shape: tuple[int, ...], dtype: Any) -> jnp.ndarray:
+    """A per-tensor or per-row value as the kernel's (1,) or (M,) vector.
+
+    Concrete scalars stay one element; arrays are broadcast to the rows, so that under ``vmap`` a value computed
+    per example becomes per row of the flattened batch (the kernel repeats an unbatched per-row vector over the
+    batch).
+    """
+    if isinstance(value, int | float | np.number) or (isinstance(value, np.ndarray) and value.size == 1):
+        return jnp.asarray(np.asarray(value, dtype).reshape(1))
+    value = jnp.asarray(value, dtype)
+    return jnp.broadcast_to(value.reshape(-1) if value.size > 1 else value.reshape(()), rows_shape).reshape(-1)
+
+
 def gemm_s8(
     a: jnp.ndarray,
     packed: jnp.ndarray,
-    col_offset: jnp.ndarray,
+    col_sums: jnp.ndarray,
     *,
     n: int,
+    a_zero_point: Any = 0,
+    col_offset: Any = None,
     out: str = "int32",
     row_scale: Any = None,
     col_scale: Any = None,
@@ -291,23 +313,25 @@ def gemm_s8(
 ) -> jnp.ndarray:
     """``a (..., K)`` u8/s8 times the packed int8 weight ``(K, N)`` (layout ``"s8_k4"``), then the epilogue.
 
-    int32 sums ``acc = sum_k a * w + col_offset[n]`` (exact; s8 ``a`` is handled as ``a + 128`` with the caller's
-    ``col_offset`` including ``-128 * colsum``). ``out="int32"`` returns ``acc``; otherwise
+    Exact int32 sums ``acc = sum_k (a - a_zero_point) * w + col_offset[n]`` (``col_sums``: the weight's column sums
+    ``sum_k w[k, n]``; ``a_zero_point`` per tensor or per row). ``out="int32"`` returns ``acc``; otherwise
     ``y = acc * (row_scale * col_scale[n]) (+ bias[n]) (max 0 if relu)`` as float32, or requantized
-    ``clip(round(y * out_inv_scale) + out_zero_point, qmin, qmax)`` as uint8 / int8.
-    ``row_scale`` has 1 or ``prod(a.shape[:-1])`` elements. Activations may carry vmap batch dims; the weight not.
+    ``clip(round(y * out_inv_scale) + out_zero_point, qmin, qmax)`` as uint8 / int8. ``row_scale`` per tensor or
+    per row. Activations and per-row values may carry vmap batch dims; the weight and column vectors not.
     """
     _require()
     kind, dtype = OUT_KINDS[out]
-    f32 = jnp.float32
-    row_scale = jnp.ones((1,), f32) if row_scale is None else jnp.asarray(row_scale, f32).reshape(-1)
+    f32, i32 = jnp.float32, jnp.int32
+    rows = a.shape[:-1]
+    row_zp = _per_row(a_zero_point, rows, np.int32)
+    row_scale = _per_row(1.0 if row_scale is None else row_scale, rows, np.float32)
+    col_offset = jnp.zeros((n,), i32) if col_offset is None else jnp.broadcast_to(jnp.asarray(col_offset, i32), (n,))
     col_scale = jnp.ones((n,), f32) if col_scale is None else jnp.broadcast_to(jnp.asarray(col_scale, f32), (n,))
     has_bias = bias is not None
     bias = jnp.zeros((1,), f32) if bias is None else jnp.broadcast_to(jnp.asarray(bias, f32), (n,))
     out_q = jnp.stack([jnp.asarray(out_inv_scale, f32).reshape(()), jnp.asarray(out_zero_point, f32).reshape(())])
-    call = jax.ffi.ffi_call("jquant_gemm_s8", jax.ShapeDtypeStruct(a.shape[:-1] + (n,), dtype),
-                            vmap_method="expand_dims")
-    return call(a, packed, col_offset.astype(jnp.int32), row_scale, col_scale, bias, out_q,
+    call = jax.ffi.ffi_call("jquant_gemm_s8", jax.ShapeDtypeStruct(rows + (n,), dtype), vmap_method="expand_dims")
+    return call(a, packed, jnp.asarray(col_sums, i32), row_zp, col_offset, row_scale, col_scale, bias, out_q,
                 k=np.int64(a.shape[-1]), n=np.int64(n), out_kind=np.int64(kind), relu=bool(relu),
                 has_bias=has_bias, qmin=np.int64(qmin), qmax=np.int64(qmax))
 

@@ -44,6 +44,8 @@ inline VF addf(VF a, VF b) { return _mm512_add_ps(a, b); }
 inline VF maxf(VF a, VF b) { return _mm512_max_ps(a, b); }
 inline VF minf(VF a, VF b) { return _mm512_min_ps(a, b); }
 inline VI addi(VI a, VI b) { return _mm512_add_epi32(a, b); }
+inline VI muli(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+inline VI bcasti(int32_t x) { return _mm512_set1_epi32(x); }
 inline VF cvtf(VI v) { return _mm512_cvtepi32_ps(v); }
 inline VI cvti(VF v) { return _mm512_cvtps_epi32(v); }  // exact for integral v
 inline VF round_even(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -88,6 +90,8 @@ inline VF addf(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF maxf(VF a, VF b) { return _mm256_max_ps(a, b); }
 inline VF minf(VF a, VF b) { return _mm256_min_ps(a, b); }
 inline VI addi(VI a, VI b) { return _mm256_add_epi32(a, b); }
+inline VI muli(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
+inline VI bcasti(int32_t x) { return _mm256_set1_epi32(x); }
 inline VF cvtf(VI v) { return _mm256_cvtepi32_ps(v); }
 inline VI cvti(VF v) { return _mm256_cvtps_epi32(v); }
 inline VF round_even(VF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -154,6 +158,8 @@ inline VF addf(VF a, VF b) { VF r; JQ_MAP(a.v[i] + b.v[i]); }
 inline VF maxf(VF a, VF b) { VF r; JQ_MAP(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
 inline VF minf(VF a, VF b) { VF r; JQ_MAP(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
 inline VI addi(VI a, VI b) { VI r; JQ_MAP(static_cast<int32_t>(static_cast<uint32_t>(a.v[i]) + b.v[i])); }
+inline VI muli(VI a, VI b) { VI r; JQ_MAP(static_cast<int32_t>(static_cast<uint32_t>(a.v[i]) * b.v[i])); }
+inline VI bcasti(int32_t x) { VI r; JQ_MAP(x); }
 inline VF cvtf(VI a) { VF r; JQ_MAP(static_cast<float>(a.v[i])); }
 inline VI cvti(VF a) { VI r; JQ_MAP(static_cast<int32_t>(std::nearbyint(a.v[i]))); }
 inline VF round_even(VF a) { VF r; JQ_MAP(std::nearbyint(a.v[i])); }
@@ -244,8 +250,12 @@ enum OutKind : int64_t { OUT_S32 = 0, OUT_F32 = 1, OUT_U8 = 2, OUT_S8 = 3 };
 
 struct Epilogue {
   int64_t kind;
-  const int32_t* col_offset;  // (N): zero-point corrections and integer bias, added to the int32 sums
-  const float* row_scale;     // (1) or (M)
+  const int32_t* col_offset;  // (N): integer bias / extra corrections, added to the int32 sums
+  const int32_t* col_sums;    // (N): sum_k w[k, n], for the activation zero-point correction
+  const int32_t* row_zp;      // (1), (M) or (M / batch): activation zero point per tensor or per row
+  int64_t row_zp_n;
+  int32_t zp_shift;           // 128 when s8 activations ran as u8 (a + 128), else 0
+  const float* row_scale;     // (1), (M) or (M / batch)
   int64_t row_scale_n;
   const float* col_scale;     // (N)
   const float* bias;          // (N) float bias or nullptr
@@ -258,50 +268,41 @@ struct Epilogue {
 };
 
 // Writes the 16 columns [n0, n0 + 16) of row m (the part inside N) from the accumulators (a0, a1) (a1 unused with
-// 512-bit vectors). Taken by value and not inlined: an accumulator whose address escapes gets spilled to the stack
-// in the tile's inner loop.
+// 512-bit vectors): r = acc - (row_zp + shift) * col_sums + col_offset (exact int32), then the float epilogue.
+// Taken by value and not inlined: an accumulator whose address escapes gets spilled in the tile's inner loop.
 __attribute__((noinline)) void epilogue_block(const Epilogue& e, int64_t m, int64_t n0, VI a0, VI a1) {
   const VI acc[2] = {a0, a1};
   alignas(64) int32_t ibuf[16];
   alignas(64) float fbuf[16];
   const int64_t cols = std::min<int64_t>(16, e.n - n0);
-  const bool full = cols == 16;
-  if (e.kind == OUT_S32) {
-    int32_t* dst = static_cast<int32_t*>(e.out) + m * e.n + n0;
-    for (int v = 0; v < VPB; ++v) {
-      VI r = acc[v];
-      if (full) {
-        r = addi(r, loadi(e.col_offset + n0 + v * W));
-        storei(dst + v * W, r);
-      } else {
-        storei(ibuf + v * W, r);
-      }
-    }
-    if (!full)
-      for (int64_t c = 0; c < cols; ++c) dst[c] = ibuf[c] + e.col_offset[n0 + c];
-    return;
-  }
   // Column vectors of the last block may run past N: copy them into zero-padded buffers first.
-  alignas(64) int32_t off_buf[16];
-  alignas(64) float cs_buf[16];
-  alignas(64) float b_buf[16];
+  alignas(64) int32_t off_buf[16] = {0};
+  alignas(64) int32_t sum_buf[16] = {0};
+  alignas(64) float cs_buf[16] = {0};
+  alignas(64) float b_buf[16] = {0};
   const int32_t* off = e.col_offset + n0;
+  const int32_t* sums = e.col_sums + n0;
   const float* cs = e.col_scale + n0;
   const float* bs = e.bias ? e.bias + n0 : nullptr;
-  if (!full) {
-    std::memset(off_buf, 0, sizeof off_buf);
-    std::memset(cs_buf, 0, sizeof cs_buf);
-    std::memset(b_buf, 0, sizeof b_buf);
+  if (cols < 16) {
     std::memcpy(off_buf, off, cols * sizeof(int32_t));
+    std::memcpy(sum_buf, sums, cols * sizeof(int32_t));
     std::memcpy(cs_buf, cs, cols * sizeof(float));
     if (bs) std::memcpy(b_buf, bs, cols * sizeof(float));
     off = off_buf;
+    sums = sum_buf;
     cs = cs_buf;
     if (bs) bs = b_buf;
   }
-  const VF rs = bcastf(e.row_scale[e.row_scale_n == 1 ? 0 : m]);
+  // Per-row vectors repeat over the rows (an unbatched per-row vector under vmap covers one batch element).
+  const VI neg_zp = bcasti(-(e.row_zp[m % e.row_zp_n] + e.zp_shift));
+  const VF rs = bcastf(e.row_scale[m % e.row_scale_n]);
   for (int v = 0; v < VPB; ++v) {
-    VI r = addi(acc[v], loadi(off + v * W));
+    const VI r = addi(addi(acc[v], loadi(off + v * W)), muli(neg_zp, loadi(sums + v * W)));
+    if (e.kind == OUT_S32) {
+      storei(ibuf + v * W, r);
+      continue;
+    }
     // acc * (row_scale * col_scale), in this order (as the XLA form computes it).
     VF y = mulf(cvtf(r), mulf(rs, loadf(cs + v * W)));
     if (bs) y = addf(y, loadf(bs + v * W));
@@ -314,7 +315,9 @@ __attribute__((noinline)) void epilogue_block(const Epilogue& e, int64_t m, int6
       storei(ibuf + v * W, cvti(q));
     }
   }
-  if (e.kind == OUT_F32) {
+  if (e.kind == OUT_S32) {
+    std::memcpy(static_cast<int32_t*>(e.out) + m * e.n + n0, ibuf, cols * sizeof(int32_t));
+  } else if (e.kind == OUT_F32) {
     std::memcpy(static_cast<float*>(e.out) + m * e.n + n0, fbuf, cols * sizeof(float));
   } else if (e.kind == OUT_U8) {
     uint8_t* dst = static_cast<uint8_t*>(e.out) + m * e.n + n0;
@@ -417,8 +420,8 @@ void gemm_tile_nr(int nr, int mr, const uint8_t* a, int64_t lda, const int8_t* b
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-ffi::Error GemmS8Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b_packed, ffi::Buffer<ffi::S32> col_offset,
-                      ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::F32> col_scale, ffi::Buffer<ffi::F32> bias,
+ffi::Error GemmS8Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b_packed, ffi::Buffer<ffi::S32> col_sums,
+                      ffi::Buffer<ffi::S32> row_zp, ffi::Buffer<ffi::S32> col_offset, ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::F32> col_scale, ffi::Buffer<ffi::F32> bias,
                       ffi::Buffer<ffi::F32> out_q, ffi::Result<ffi::AnyBuffer> out, int64_t k, int64_t n,
                       int64_t out_kind, bool relu, bool has_bias, int64_t qmin, int64_t qmax) {
   const bool flip = a.element_type() == ffi::S8;
@@ -432,17 +435,37 @@ ffi::Error GemmS8Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b_p
         "jquant gemm: packed weight size does not match (K, N) (is the weight batched under vmap? only activations "
         "may carry vmap batch dims)");
   if (static_cast<int64_t>(col_offset.element_count()) != n || static_cast<int64_t>(col_scale.element_count()) != n ||
-      (has_bias && static_cast<int64_t>(bias.element_count()) != n))
-    return ffi::Error::InvalidArgument("jquant gemm: column vectors must have N elements");
+      static_cast<int64_t>(col_sums.element_count()) != n || (has_bias && static_cast<int64_t>(bias.element_count()) != n))
+    return ffi::Error::InvalidArgument(
+        "jquant gemm: column vectors must have N elements (only activations and per-row values may carry vmap batch "
+        "dims)");
+  const int64_t rz_n = row_zp.element_count();
+  if (rz_n < 1 || m % rz_n)
+    return ffi::Error::InvalidArgument("jquant gemm: row_zp must have a divisor of M elements");
   const int64_t rs_n = row_scale.element_count();
-  if (rs_n != 1 && rs_n != m) return ffi::Error::InvalidArgument("jquant gemm: row_scale must have 1 or M elements");
+  if (rs_n < 1 || m % rs_n)
+    return ffi::Error::InvalidArgument("jquant gemm: row_scale must have a divisor of M elements");
   if (static_cast<int64_t>(out->element_count()) != m * n)
     return ffi::Error::InvalidArgument("jquant gemm: output is not (M, N)");
   if (out_q.element_count() != 2) return ffi::Error::InvalidArgument("jquant gemm: out_q is [1 / scale, zero point]");
   if (m == 0) return ffi::Error::Success();
-  Epilogue e{out_kind,  col_offset.typed_data(), row_scale.typed_data(),  rs_n,
-             col_scale.typed_data(), has_bias ? bias.typed_data() : nullptr, relu, out_q.typed_data()[0],
-             out_q.typed_data()[1], static_cast<float>(qmin), static_cast<float>(qmax), out->untyped_data(), n};
+  Epilogue e{out_kind,
+             col_offset.typed_data(),
+             col_sums.typed_data(),
+             row_zp.typed_data(),
+             rz_n,
+             flip ? 128 : 0,
+             row_scale.typed_data(),
+             rs_n,
+             col_scale.typed_data(),
+             has_bias ? bias.typed_data() : nullptr,
+             relu,
+             out_q.typed_data()[0],
+             out_q.typed_data()[1],
+             static_cast<float>(qmin),
+             static_cast<float>(qmax),
+             out->untyped_data(),
+             n};
   const uint8_t* ap = static_cast<const uint8_t*>(a.untyped_data());
   const int8_t* bp = static_cast<const int8_t*>(b_packed.untyped_data());
   // Work items: (column chunk of GEMM_NR blocks) x (row panel); a panel is a few row tiles so that both cores get
@@ -663,6 +686,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemmS8, GemmS8Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
