@@ -1,25 +1,31 @@
 """Link torch qparam records to jquant transform sites, and move qparams between both.
 
-torch quantizes module *outputs* (``<m>.activation_post_process``), jquant quantizes site *inputs*:
-the output qparams of torch module A become the input qparams of the site that consumes A's output.
-The links are an explicit, inspectable table (:func:`link_sites`, :func:`format_links`): each row
-names the torch module and role, the jquant site and qstate key, and how it was found:
+torch quantizes module *outputs* (``<m>.activation_post_process``, FX observers, ``quantize_per_tensor``
+nodes), jquant quantizes site *inputs*: the qparams torch applies to the tensor a module reads become the
+input qparams of the jquant site of that module. The links are an explicit, inspectable table
+(:func:`link_sites`, :func:`format_links`): each row names the torch module and role, the jquant site and
+qstate key, and how it was found:
 
-* ``name``: weights (and FX ``<m>_input_scale_0`` inputs) by module name: the site's weight
-  ``param_path`` (``params/fc1/kernel``, nnx ``layers/0/kernel``) against the torch module name
-  (``fc1``, ``layers.0``), normalised as in :mod:`interop.names`;
-* ``producer``: the site's input comes straight from another site, whose module's output is used;
-* ``order``: otherwise the nearest torch module *before* the site's module (state_dict order, i.e.
-  registration order) that has output qparams: right for sequential models, check it otherwise;
+* ``name``: weights by parameter name: the site's weight ``param_path`` (``params/fc1/kernel``, nnx
+  ``layers/0/kernel``) against the torch module (``fc1``, ``layers.0``; an FX-fused ``fc1.0`` answers for
+  ``fc1``), normalised as in :mod:`interop.names`; without a graph also FX ``<m>_input_scale_0`` inputs;
+* ``graph``: by data flow, when the table was read with ``model=`` (the torch module or its FX GraphModule;
+  see :mod:`interop.qgraph`): the record whose quantized tensor reaches the site's torch module (through relu,
+  reshape, max-pool, dequantize, cat's shared qparams). Where jquant knows the input comes straight from site
+  P, torch's record must quantize P's module output, else InteropError naming both sides. Output slots take
+  the record of the module's output (fused patterns observe the same tensor), or for sites without a weight
+  (add, cat) the record their consumers' inputs were linked to;
+* ``producer``: without a graph, the site's input comes straight from another site, whose module's output is used;
+* ``order``: without a graph only, the nearest module registered before the site's module that has output
+  qparams: right for sequential models only, so link_sites warns listing these links;
 * ``override``: given by the caller (``overrides={(torch_module, role): (site, key)}``).
 
-A jquant site's ``output`` is the raw ``dot_general``/``conv`` result before the bias add, so torch
-module outputs are never linked to it by default. Records that link nowhere (e.g. the last module's
-output) are listed by :func:`unlinked_records`.
+Records that link nowhere (e.g. the last module's output) are listed by :func:`unlinked_records`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +125,8 @@ def link_sites(
     records = [(m, r, rec) for m, roles in table.items() for r, rec in roles.items() if r != "weight"]
     links: list[SiteLink] = []
     by_slot: dict[tuple[str, str], SiteLink] = {}
+    order = list(table)
+    guessed: list[str] = []
 
     def add(link: SiteLink) -> None:
         links.append(link)
@@ -185,6 +193,13 @@ def link_sites(
             producer = site_module.get(op.producer) if op.producer else None
             if producer is not None and "output" in table[producer]:
                 add(SiteLink(producer, "output", site.name, op.key, "producer"))
+                continue
+            if module is not None and op.producer is None:
+                # no torch graph: the nearest module registered before this one (right for sequential models only)
+                before = [m for m in order[: order.index(module)] if "output" in table[m]]
+                if before:
+                    add(SiteLink(before[-1], "output", site.name, op.key, "order"))
+                    guessed.append(f"{site.name}/{op.key} <- {_name(before[-1], 'output')}")
     # output slots: the record of the torch module's output (fused patterns observe the same tensor), or,
     # for a site without a weight (add, cat), the record its consumers' inputs were linked to
     for site in sites:
@@ -214,6 +229,13 @@ def link_sites(
             found = next(iter(fed), None)
         if found is not None:
             add(SiteLink(found[0], found[1], site.name, "output", "graph" if graph else "producer"))
+    if guessed:
+        warnings.warn(
+            "link_sites: no torch graph (the table was read without model=), so these activation links follow "
+            f"module registration order, which is right for sequential models only: {'; '.join(guessed)}. Pass "
+            "model= (the torch module or its FX GraphModule) to link by data flow, or check them with print_links",
+            stacklevel=2,
+        )
     for (mod, role), (site_name, key) in (overrides or {}).items():
         if mod not in table or role not in table[mod]:
             raise InteropError(f"overrides: torch module {mod!r} has no {role} qparams in the table")
