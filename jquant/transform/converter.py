@@ -417,8 +417,10 @@ def _site_report(site: Site, plan: SitePlan | None, entry: ConvertedSite, eqn, w
                           weight_bytes, weight_bytes, _plan_reason(site, eqn))
     after = entry.weight.nbytes if entry.weight is not None else 0
     if plan.kind == "dequantize":
-        return SiteReport(site.name, "dequantize", "dequantize + float op", w_dtype, weight_bytes, after, plan.reason)
-    return SiteReport(site.name, plan.kind, _KERNEL_NAMES[(plan.kind, plan.layout)], w_dtype, weight_bytes, after)
+        return SiteReport(site.name, "dequantize", "dequantize + float op", w_dtype, weight_bytes, after,
+                          "; ".join(n for n in (plan.reason, site.note) if n))
+    return SiteReport(site.name, plan.kind, _KERNEL_NAMES[(plan.kind, plan.layout)], w_dtype, weight_bytes, after,
+                      site.note)
 
 
 # -- convert -------------------------------------------------------------------------------------------------
