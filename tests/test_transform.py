@@ -252,3 +252,15 @@ def test_bad_mode(mode):
     qstate = qf.init(p, x)
     with pytest.raises(ValueError, match="mode"):
         qf.apply(qstate, p, x, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["calibrate", "qat", "eval"])
+def test_empty_batch_gives_the_empty_output_and_leaves_observers_unchanged(mode):
+    p, x = make_params(), batch(6)
+    qf = quantize(mlp)
+    qstate = qf.init(p, x)
+    _, qstate = qf.apply(qstate, p, x, mode="calibrate")
+    empty = jnp.zeros((0, x.shape[1]), jnp.float32)
+    out, new = qf.apply(qstate, p, empty, mode=mode)
+    assert out.shape == (0, mlp(p, x).shape[1])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new, qstate)

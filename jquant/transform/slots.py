@@ -167,6 +167,8 @@ def fake_quant(
     spec: QuantizationSpec, layout: Layout, x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray, lsq: bool
 ) -> jnp.ndarray:
     """Fake-quantize ``x`` with ``spec``: straight-through, or LSQ when ``lsq`` (grad to scale/zero point)."""
+    if x.size == 0:  # an empty batch: nothing to round (plain JAX returns the empty result too)
+        return x
     view = layout.to_view(x)
     axis = _qparam_axis(layout)
     if lsq:
