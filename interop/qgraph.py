@@ -126,8 +126,11 @@ class _Flow:
         self.quantized_by: dict[Any, tuple[str, str]] = {}
         self.called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         for node in gm.graph.nodes:
+            owner = str(node.target).removesuffix(".activation_post_process") if node.op == "call_module" else None
             if node.op == "call_module" and node.target in outputs:
                 self.quantized_by[node] = (node.target, "output")
+            elif owner in outputs and owner != node.target:  # FloatFunctional: add.activation_post_process(r)
+                self.quantized_by[node] = (owner, "output")
             elif node.op in ("call_function", "call_method"):
                 for arg in node.args:
                     if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in by_key:

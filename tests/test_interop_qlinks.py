@@ -180,3 +180,52 @@ def test_without_a_graph_links_follow_registration_order_with_a_warning():
     with pytest.warns(UserWarning, match=r"registration order.*fc3/dot_general/input <- torch fc2 \(output\).*model="):
         links = link_sites(table, qf.sites, qstate=qstate0)
     assert _rows(links)[("fc3", "input")] == ("fc2", "output", "order")  # the guess is wrong here: hence the warning
+
+
+class EagerSkip(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.fc1 = tnn.Linear(6, 16)
+        self.relu = tnn.ReLU()
+        self.fc2 = tnn.Linear(16, 8)
+        self.fc4 = tnn.Linear(8, 4)
+        self.fc3 = tnn.Linear(6, 8)  # registered after fc2 and fc4
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x):
+        x = self.quant(x)
+        return self.dequant(self.fc4(self.add.add(self.fc2(self.relu(self.fc1(x))), self.fc3(x))))
+
+
+class FlaxEagerSkip(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(8, name="fc2")(nn.relu(nn.Dense(16, name="fc1")(x))) + nn.Dense(8, name="fc3")(x)
+        return nn.Dense(4, name="fc4")(y)
+
+
+def test_eager_qat_model_is_traced_for_links():
+    torch.manual_seed(0)
+    tm = EagerSkip()
+    tm.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(tm.train(), inplace=True)
+    tm(torch.randn(32, 6))
+    table = import_qparams(tm.state_dict(), model=tm)
+    assert table["add"]["output"].consumers == ("fc4",)
+    fm = FlaxEagerSkip()
+    x0 = np.zeros((2, 6), np.float32)
+    params = fm.init(jax.random.key(0), x0)
+    qf = quantize(
+        lambda p, x: fm.apply(p, x),
+        [Rule(weight=spec_from_record(table["fc1"]["weight"]), inputs=spec_from_record(table["quant"]["output"]))],
+    )
+    qstate0 = qf.init(params, x0)
+    rows = _rows(link_sites(table, qf.sites, qstate=qstate0))
+    assert {k: v for k, v in rows.items() if k[1] == "input"} == {
+        ("fc1", "input"): ("quant", "output", "graph"),
+        ("fc3", "input"): ("quant", "output", "graph"),  # by order: fc4's output
+        ("fc2", "input"): ("fc1", "output", "graph"),
+        ("fc4", "input"): ("add", "output", "graph"),  # by order: fc2's output
+    }
