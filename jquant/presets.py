@@ -1,6 +1,6 @@
-"""Ready-made configs (tuples of ``Rule``) for the common recipes.
+"""Ready-made configs for the common recipes: tuples of ``Rule``, and ``torch_x86`` (a ``Quantizer``).
 
-Every preset quantizes ``dot_general`` and ``conv_general_dilated`` sites and accepts ``exclude``: regular
+Every rule-list preset quantizes ``dot_general`` and ``conv_general_dilated`` sites and accepts ``exclude``: regular
 expressions of site names to keep in float (they become leading all-None rules, so they win).
 Weights always use symmetric per-output-channel qparams (zero point 0), which integer kernels need.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jquant.transform.specs import QuantizationSpec, Rule
+from jquant.transform.quantizer import VALUE_PRESERVING, RuleQuantizer
+from jquant.transform.specs import FixedQParamsSpec, QuantizationSpec, Rule
 
 
 def _excluded(exclude: Sequence[str]) -> tuple[Rule, ...]:
@@ -41,9 +42,11 @@ def int8_weight_only(exclude: Sequence[str] = ()) -> tuple[Rule, ...]:
 
 
 def int4_weight_only(group_size: int = 128, exclude: Sequence[str] = ()) -> tuple[Rule, ...]:
-    """Weight-only int4, symmetric, one scale per ``group_size`` weights along the contraction dim."""
+    """Weight-only int4, symmetric, one scale per ``group_size`` weights along the contraction dim (layers whose
+    contraction size ``group_size`` does not divide fall back to int8 per-channel weights, with a warning)."""
     weight = QuantizationSpec("int4", "per_channel_symmetric", observer="per_channel_minmax", block_size=group_size)
-    return _excluded(exclude) + (Rule(weight=weight),)
+    # A layer whose contraction the group size does not divide keeps int8 per-channel weights (one warning).
+    return _excluded(exclude) + (Rule(weight=weight, weight_fallback=int8_weight_spec()),)
 
 
 def qat_int8(lsq: bool = False, activation_dtype: str = "int8", exclude: Sequence[str] = ()) -> tuple[Rule, ...]:
@@ -63,3 +66,41 @@ def fp8(dtype: str = "float8_e4m3fn", exclude: Sequence[str] = ()) -> tuple[Rule
     act = QuantizationSpec(dtype, "per_tensor_symmetric", observer="minmax")
     return _excluded(exclude) + (Rule(weight=weight, inputs=act),)
 
+
+
+def torch_x86(qat: bool = False, exclude: Sequence[str] = ()) -> RuleQuantizer:
+    """torch FX's x86 backend: ``get_default_qconfig_mapping("x86")`` (``qat=True``:
+    ``get_default_qat_qconfig_mapping("x86")``) with its fusions and qparam sharing, as ``prepare_fx`` places them.
+
+    - weights: per-output-channel symmetric qint8 (-128..127) on the BatchNorm-folded kernel
+      (``PerChannelMinMaxObserver``; QAT: ``MovingAveragePerChannelMinMaxObserver``);
+    - activations: quint8 per tensor, qparams from the 0..127 range (``reduce_range=True``) while fake quant
+      clamps to 0..255 as torch's reference model does (``HistogramObserver``; QAT: ``MovingAverageMinMaxObserver``,
+      the observer of ``FusedMovingAvgObsFakeQuantize``, whose own QAT-time qparams differ slightly, see NUMERICS);
+    - conv / dense + inference BatchNorm folded before observing; conv / dense + bias + ReLU and add + ReLU are
+      one site observed after the ReLU; the graph input is observed by its first consumer;
+    - add: quantized add with its own output observer, inputs keep their producers' qparams;
+    - concatenate: inputs and output share the first input's observer;
+    - max-pool, reshape / flatten, transpose, squeeze / expand_dims: the output shares its input's observer
+      (which also sees the output); a chain of layout ops counts as one op (NHWC flatten = transpose + reshape);
+    - sigmoid (logistic) output: fixed qparams 1/256, zero point 0; tanh: 2/256, zero point 128.
+    Not mirrored: softmax (not one primitive in JAX), standalone ReLU (torch observes it on its own), biases
+    stay float.
+    """
+    if qat:
+        act = QuantizationSpec("uint8", observer="moving_average", observer_kwargs={"reduce_range": True})
+        weight = QuantizationSpec("int8", "per_channel_symmetric", observer="moving_average_per_channel")
+    else:
+        act = QuantizationSpec("uint8", observer="histogram", observer_kwargs={"reduce_range": True})
+        weight = int8_weight_spec()
+    backend = (
+        Rule(primitives=("dot_general", "conv_general_dilated"), weight=weight, inputs=act, output=act),
+        Rule(primitives=("add",), inputs=act, output=act),
+        Rule(primitives=("concatenate",), inputs=act, output=act),
+        Rule(primitives=("logistic",), output=FixedQParamsSpec(1 / 256, 0, "uint8")),
+        Rule(primitives=("tanh",), output=FixedQParamsSpec(2 / 256, 128, "uint8")),
+    )
+    return RuleQuantizer(
+        _excluded(exclude) + backend, fold_batchnorm=True, fuse=True, share_through=VALUE_PRESERVING,
+        share_concatenate=True, optional=backend,
+    )

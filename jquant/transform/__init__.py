@@ -8,10 +8,12 @@ converter does) and ``jquant.transform.higher_order.RULES`` (one rule per higher
 from jquant.transform.api import QuantizedFunction, quantize
 from jquant.transform.compare import CompareReport, compare
 from jquant.transform.plan import UnsupportedPrimitiveError
-from jquant.transform.sites import Operand, Site
+from jquant.transform.quantizer import Annotation, Candidate, Quantizer, RuleQuantizer
+from jquant.transform.sites import Operand, Site, View
 from jquant.transform.slots import LearnableSlot, ObservedSlot, QParams
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
+    FixedQParamsQuantizationSpec,
     FixedQParamsSpec,
     QuantizationSpec,
     Rule,
@@ -20,8 +22,11 @@ from jquant.transform.specs import (
 from jquant.transform.state import learnable_params, merge_learnable
 
 __all__ = [
+    "Annotation",
+    "Candidate",
     "CompareReport",
     "DerivedQuantizationSpec",
+    "FixedQParamsQuantizationSpec",
     "FixedQParamsSpec",
     "LearnableSlot",
     "ObservedSlot",
@@ -29,9 +34,12 @@ __all__ = [
     "QParams",
     "QuantizationSpec",
     "QuantizedFunction",
+    "Quantizer",
     "Rule",
+    "RuleQuantizer",
     "SharedQuantizationSpec",
     "Site",
+    "View",
     "UnsupportedPrimitiveError",
     "compare",
     "learnable_params",

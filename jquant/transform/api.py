@@ -28,12 +28,13 @@ import jax
 from jax.extend import source_info_util
 
 from jquant import presets
+from jquant.transform.fold_bn import fold_batchnorm
 from jquant.transform.handler import QuantizeHandler, check_mode
 from jquant.transform.int8_qat import Int8QATHandler
 from jquant.transform.interpreter import interpret
 from jquant.transform.plan import Plan, build_plan
+from jquant.transform.quantizer import as_quantizer
 from jquant.transform.sites import Site, path_to_name
-from jquant.transform.specs import normalize_config
 from jquant.transform.state import init_qstate, validate_qstate
 
 
@@ -44,7 +45,8 @@ class QuantizedFunction:
         if not callable(fn):
             raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
         self.fn = fn
-        self.rules = normalize_config(presets.int8_static() if config is None else config)
+        self.quantizer = as_quantizer(presets.int8_static() if config is None else config, strict)
+        self.rules = tuple(getattr(self.quantizer, "rules", ()))
         argnums = (params_argnums,) if isinstance(params_argnums, int) else tuple(params_argnums)
         if not argnums or not all(isinstance(a, int) and a >= 0 for a in argnums):
             raise ValueError(f"params_argnums: expected non-negative ints, got {params_argnums!r}")
@@ -105,7 +107,9 @@ class QuantizedFunction:
             specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False)) for a in avals]
             with source_info_util.reset_name_stack():
                 closed = jax.make_jaxpr(flat_fn)(*specs)
-            plan = build_plan(closed, paths, self.rules, self.strict)
+            if self.quantizer.fold_batchnorm:
+                closed = fold_batchnorm(closed, [p is not None for p in paths])
+            plan = build_plan(closed, paths, self.quantizer)
             plan.out_tree = out_tree[0]
             cached = (plan, out_tree[0])
             self._plans[key] = cached
@@ -154,7 +158,8 @@ class QuantizedFunction:
         return jax.tree_util.tree_unflatten(out_tree, outs), (None if mode == "eval" else new_states)
 
     def __repr__(self) -> str:
-        lines = [f"QuantizedFunction({getattr(self.fn, '__name__', self.fn)!r}, {len(self.rules)} rule(s))"]
+        policy = f"{len(self.rules)} rule(s)" if type(self.quantizer).__name__ == "RuleQuantizer" else self.quantizer
+        lines = [f"QuantizedFunction({getattr(self.fn, '__name__', self.fn)!r}, {policy})"]
         if self._last is not None:
             lines += [f"  {site}" for site in self._last.sites]
         return "\n".join(lines)
@@ -168,7 +173,8 @@ def quantize(
     Args:
       fn: the function; its argument(s) at ``params_argnums`` hold the weights (a pytree of arrays).
       config: None (the int8 static preset), ``[]`` (quantize nothing: exact original outputs and gradients),
-        a ``Rule`` or an ordered list of ``Rule`` (first match wins; see ``jquant.transform.presets``).
+        a ``Rule`` or an ordered list of ``Rule`` (first match wins; see ``jquant.presets``), or a
+        ``jquant.Quantizer`` (a backend policy object, e.g. ``jquant.presets.torch_x86()``).
       params_argnums: position(s) of the weights argument(s); weight vs activation is decided by data flow.
       strict: raise instead of warning when a rule matches no site.
     """

@@ -56,6 +56,9 @@ class VarInfo:
     param_path: str | None = None
     producer: str | None = None
     constant: bool = False
+    # (site name, role key) of the slot whose qparams this value is already quantized with (implicit sharing;
+    # only set when the quantizer shares qparams between equations).
+    qparams_of: tuple[str, str] | None = None
 
 
 ACTIVATION = VarInfo()
@@ -76,13 +79,23 @@ def passthrough_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
 
 
 def derived_weight_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
-    """The output info of elementwise arithmetic on weights and constants only (else None)."""
+    """The output info of elementwise arithmetic on weights and constants only (else None); layout and
+    elementwise equations on constants only give constants (``jnp.ones_like(w)``, ``jnp.zeros(n)``)."""
+    if primitive not in ELEMENTWISE and primitive not in PASSTHROUGH:
+        return None
+    if infos and all(i.constant for i in infos):
+        return CONSTANT
     if primitive not in ELEMENTWISE:
         return None
     paths = [i.param_path for i in infos if i.param_path is not None]
     if paths and all(i.param_path is not None or i.constant for i in infos):
         return VarInfo(param_path=paths[0])
     return None
+
+
+def barrier_infos(infos: list[VarInfo]) -> list[VarInfo]:
+    """``optimization_barrier`` passes each operand through: weights stay weights, constants constants."""
+    return [VarInfo(param_path=i.param_path, constant=i.constant) for i in infos]
 
 
 def entering_scope(info: VarInfo) -> VarInfo:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jquant.numerics.affine import fake_quantize_affine
 from jquant.transform import slots
 from jquant.transform.interpreter import bind_eqn
-from jquant.transform.sites import Site
+from jquant.transform.sites import Site, View
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
     FixedQParamsSpec,
@@ -77,13 +77,19 @@ def _derived_axis(site: Site, key: str, shape: tuple[int, ...], size: int) -> in
     )
 
 
+def _shares_output(spec: Any) -> bool:
+    return isinstance(spec, SharedQuantizationSpec) and spec.site is None and spec.target == "output"
+
+
 class QuantizeHandler:
     """Site handler for one mode (see module docstring)."""
 
     def __init__(self, mode: str):
         self.mode = check_mode(mode)
 
-    def __call__(self, site: Site, eqn, invals: list, state: dict, scope: Mapping[str, Any]):
+    def __call__(self, site: Site | View, eqn, invals: list, state: dict, scope: Mapping[str, Any]):
+        if isinstance(site, View):
+            return self._view(site, eqn, invals, state)
         mode = self.mode
         state = dict(state)
         quantize = mode != "calibrate"
@@ -91,7 +97,9 @@ class QuantizeHandler:
         values = list(invals)
         specs = site.specs
         shared_from = {
-            op.spec.target: op.key for op in site.operands if isinstance(op.spec, SharedQuantizationSpec)
+            op.spec.target: op.key
+            for op in site.operands
+            if isinstance(op.spec, SharedQuantizationSpec) and op.spec.site is None and op.spec.target != "output"
         }
 
         # Observed / dynamic operands first; shared ones feed their target's observer too.
@@ -112,9 +120,20 @@ class QuantizeHandler:
                 lsq = spec.fake_quant == "lsq"
                 values[op.index] = slots.fake_quant(spec, layout, x, *qparams[op.key], lsq)
 
+        joining = [op for op in site.operands if _shares_output(op.spec)]
+        if joining:  # a concatenate group owned by this site: its inputs are observed before its output
+            values = self._observe_group(site.output_spec, "output", joining, invals, values, state)
         for op in site.operands:
             spec = op.spec
-            if isinstance(spec, SharedQuantizationSpec) and quantize:
+            if _shares_output(spec):
+                continue
+            if isinstance(spec, SharedQuantizationSpec) and spec.site is not None:
+                if quantize:  # already quantized by another site: its qparams, no observer here
+                    slot = scope[spec.site][spec.target]
+                    layout = slots.layout_for(spec.spec, op.shape, (), "input")
+                    values[op.index] = slots.fake_quant(spec.spec, layout, invals[op.index], *slots.slot_qparams(slot),
+                                                        False)
+            elif isinstance(spec, SharedQuantizationSpec) and quantize:
                 target = site.operand(spec.target)
                 layout = layout_of(site, spec.target, target.spec)
                 lsq = target.spec.fake_quant == "lsq"
@@ -126,8 +145,36 @@ class QuantizeHandler:
 
         outs = bind_eqn(eqn, values)
         out_spec = specs.get("output")
-        if out_spec is not None:
+        if out_spec is not None and not site.fused:  # a fused pattern's output is observed at its tail (a View)
             outs[0] = self._output(site, out_spec, outs[0], state, qparams, scope)
+        return outs, state
+
+    def _observe_group(self, spec, key, ops, invals, values, state) -> list:
+        """Observe each operand of ``ops`` into slot ``key`` (in order), fake-quantizing it with the result."""
+        values = list(values)
+        for op in ops:
+            index = op.index if hasattr(op, "index") else op
+            x = invals[index]
+            layout = slots.layout_for(spec, tuple(jnp.shape(x)), (), "input")
+            if self.mode != "eval":
+                state[key] = slots.observe(spec, layout, state[key], [x], self.mode == "calibrate")
+            if self.mode != "calibrate":
+                values[index] = slots.fake_quant(spec, layout, x, *slots.slot_qparams(state[key]), False)
+        return values
+
+    def _view(self, view: View, eqn, invals: list, state: dict):
+        """Another equation using a site's slot: a fused tail, a value-preserving op, a concatenate group."""
+        state = dict(state)
+        values = self._observe_group(view.spec, view.key, view.inputs, invals, invals, state)
+        outs = bind_eqn(eqn, values)
+        if view.output:
+            y = outs[0]
+            layout = slots.layout_for(view.spec, tuple(jnp.shape(y)), (), "output")
+            if self.mode != "eval":
+                state[view.key] = slots.observe(view.spec, layout, state[view.key], [y], self.mode == "calibrate")
+            if self.mode != "calibrate":
+                lsq = view.spec.fake_quant == "lsq"
+                outs[0] = slots.fake_quant(view.spec, layout, y, *slots.slot_qparams(state[view.key]), lsq)
         return outs, state
 
     def merge(self, site: Site, state: dict, previous: dict, axis_names: tuple) -> dict:
@@ -155,6 +202,9 @@ class QuantizeHandler:
                         f"site {site.name!r}: {ref!r} has no stored qparams (it must use a static QuantizationSpec)"
                     )
                 sources.append(slots.slot_qparams(slot))
+            elif ":" in ref:  # "<site name>:<role>" of another site
+                other, key = ref.rsplit(":", 1)
+                sources.append(slots.slot_qparams(scope[other][key]))
             else:
                 sources.append(qparams[ref])
         scale, zero_point = spec.derive_fn(*sources)

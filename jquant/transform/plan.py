@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from jquant.transform import dataflow
+from jquant.transform import dataflow, patterns
 from jquant.transform.dataflow import ACTIVATION, VarInfo
 from jquant.transform.higher_order import Scope, known_names, rule_for
-from jquant.transform.sites import Namer, Operand, Site, clean_name_stack, role_keys, site_base_name
+from jquant.transform.quantizer import Candidate, Quantizer, RuleQuantizer, as_quantizer
+from jquant.transform.sites import Namer, Operand, Site, View, clean_name_stack, role_keys, site_base_name
 from jquant.transform.specs import (
-    DEFAULT_PRIMITIVES,
     DerivedQuantizationSpec,
     QuantizationSpec,
     Rule,
@@ -38,10 +38,12 @@ class Plan:
 
     closed_jaxpr: ClosedJaxpr
     sites: list[Site]
-    by_eqn: dict[int, Site]
+    by_eqn: dict[int, Site | View]  # a site's own equation -> Site; other equations using its slots -> View
     inner: dict[int, tuple[str, ...]]
     unmatched_rules: tuple[Rule, ...]
     out_tree: Any = None  # pytree structure of fn's output (set by QuantizedFunction)
+    # Site name -> the equations fused after its own (bias add, ReLU; the last is where its output is observed).
+    fused_eqns: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
     @property
     def quantized_sites(self) -> list[Site]:
@@ -64,16 +66,27 @@ def _is_float(aval) -> bool:
     return np.issubdtype(aval.dtype, np.floating)
 
 
+def _static_per_tensor(spec) -> bool:
+    return isinstance(spec, QuantizationSpec) and not spec.is_dynamic and not spec.per_channel
+
+
 class _Discovery:
-    def __init__(self, rules: tuple[Rule, ...]):
-        self.rules = rules
-        self.candidates = set(DEFAULT_PRIMITIVES).union(*(r.primitives for r in rules)) if rules else set()
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer = quantizer
+        self.candidates = set(quantizer.primitives)
         self.namer = Namer()
         self.sites: list[Site] = []
-        self.by_eqn: dict[int, Site] = {}
+        self.by_eqn: dict[int, Site | View] = {}
         self.inner: dict[int, tuple[str, ...]] = {}
-        self.used_rules: set[int] = set()
         self.keepalive: list = []  # equations whose id() keys the plan
+        self.fallbacks: list[str] = []  # sites whose weight took the rule's weight_fallback spec
+        # Graph options (fusion, implicit sharing): per-site bookkeeping finished in ``finish``.
+        self.eqn_of: dict[str, object] = {}  # site name -> its equation
+        self.fused: dict[str, tuple[str, ...]] = {}
+        self.fused_eqns: dict[str, tuple] = {}
+        self.output_var: dict[str, object] = {}  # site name -> the variable its output spec observes
+        self.dropped: set[str] = set()  # sites whose output joined another observer (a concatenate group)
+        self.use_counts: dict = {}
 
     # -- walking -------------------------------------------------------------------------------------------
     def walk(self, jaxpr: Jaxpr, in_infos, ctx: Scope):
@@ -81,27 +94,169 @@ class _Discovery:
         env = {v: dataflow.CONSTANT for v in jaxpr.constvars}  # closed-over arrays: constants, not activations
         env.update(zip(jaxpr.invars, in_infos, strict=True))
         names: list[str] = []
+        graph = self.quantizer.fuse or self.quantizer.shares
+        uses = patterns.use_counts(jaxpr) if graph else None
+        if graph:
+            self.use_counts.update(uses)
+        users = patterns.consumers(jaxpr) if graph else None
+        open_patterns: dict = {}  # tail output variable -> OpenPattern
         for eqn in jaxpr.eqns:
             infos = [dataflow.read_info(env, v) for v in eqn.invars]
             name = eqn.primitive.name
             out_infos = [ACTIVATION] * len(eqn.outvars)
-            if name in self.candidates:
+            if open_patterns and self._extend(eqn, infos, open_patterns, uses, env):
+                continue
+            for var in eqn.invars:  # this equation reads a pattern's output without joining it: close it
+                if not isinstance(var, Literal) and var in open_patterns:
+                    self._close(open_patterns.pop(var), var, env)
+                    infos = [dataflow.read_info(env, v) for v in eqn.invars]
+            derived = dataflow.derived_weight_info(name, infos)
+            shared = self._share(eqn, infos, users, ctx) if graph and derived is None else None
+            if derived is not None:  # arithmetic on weights only (a BN-folded kernel): a weight, never a site
+                out_infos = [derived] * len(eqn.outvars)
+            elif name == "optimization_barrier":
+                out_infos = dataflow.barrier_infos(infos)
+            elif shared is not None:
+                out_infos = [shared] * len(eqn.outvars)
+            elif name in self.candidates:
                 site = self.make_site(eqn, infos, ctx)
                 if site.quantized:
                     names.append(site.name)
                     out_infos = [VarInfo(producer=site.name)] * len(eqn.outvars)
-            elif self.rules and _sub_jaxprs(eqn.params):  # config=[]: nothing to look for
+                    if graph:
+                        out_infos[0] = self._open(site, eqn, open_patterns)
+            elif self.quantizer.primitives and _sub_jaxprs(eqn.params):  # config=[]: nothing to look for
                 out_infos, inner = self.walk_higher_order(eqn, infos, ctx)
                 if inner:
                     self.inner[id(eqn)] = tuple(inner)
                     self.keepalive.append(eqn)
                     names.extend(inner)
             else:
-                passed = dataflow.passthrough_info(name, infos) or dataflow.derived_weight_info(name, infos)
+                passed = dataflow.passthrough_info(name, infos)
                 if passed is not None:
                     out_infos = [passed] * len(eqn.outvars)
             env.update(zip(eqn.outvars, out_infos, strict=True))
+        for var, pattern in list(open_patterns.items()):
+            self._close(pattern, var, env)
         return [dataflow.read_info(env, v) for v in jaxpr.outvars], names
+
+    # -- fused patterns and implicit sharing (graph options of the quantizer) ------------------------------
+    def _open(self, site: Site, eqn, open_patterns: dict) -> VarInfo:
+        """Info of a new site's output; a pattern anchor stays open until its pattern is complete."""
+        self.eqn_of[site.name] = eqn
+        info = VarInfo(producer=site.name)
+        if site.output_spec is None:
+            return info
+        if self.quantizer.fuse and site.primitive in patterns.ANCHORS and len(eqn.outvars) == 1:
+            open_patterns[eqn.outvars[0]] = patterns.OpenPattern(site.name, site.primitive, eqn)
+            return info
+        self.output_var[site.name] = eqn.outvars[0]
+        if self.quantizer.shares and _static_per_tensor(site.output_spec):
+            return VarInfo(producer=site.name, qparams_of=(site.name, "output"))
+        return info
+
+    def _extend(self, eqn, infos, open_patterns: dict, uses, env) -> bool:
+        """Absorb ``eqn`` into the open pattern whose output it reads, if it continues it."""
+        for var in eqn.invars:
+            pattern = None if isinstance(var, Literal) else open_patterns.get(var)
+            if pattern is not None and pattern.extend(eqn, infos, var, uses):
+                del open_patterns[var]
+                out = eqn.outvars[0]
+                env[out] = VarInfo(producer=pattern.site_name)
+                open_patterns[out] = pattern
+                return True
+        return False
+
+    def _close(self, pattern: patterns.OpenPattern, var, env) -> None:
+        """The pattern is complete: its output spec observes ``var`` (at a view on the tail equation)."""
+        name = pattern.site_name
+        self.output_var[name] = var
+        if pattern.fused:
+            self.fused[name] = tuple(pattern.fused)
+            self.fused_eqns[name] = tuple(pattern.eqns)
+            site = self._site(name)
+            if not _static_per_tensor(site.output_spec):
+                raise ValueError(
+                    f"site {name!r}: a fused {site.primitive}+{'+'.join(pattern.fused)} output needs a static "
+                    f"per-tensor QuantizationSpec, got {site.output_spec!r}"
+                )
+            self._view(pattern.tail, View(name, "output", site.output_spec, pattern.tail.primitive.name))
+        if self.quantizer.shares and _static_per_tensor(self._site(name).output_spec):
+            env[var] = VarInfo(producer=name, qparams_of=(name, "output"))
+
+    def _share(self, eqn, infos, users, ctx: Scope) -> VarInfo | None:
+        """Output info of a value-preserving op on a quantized value (a view of its owner), else None."""
+        prim = eqn.primitive.name
+        source = infos[0].qparams_of if infos else None
+        if prim == "concatenate" and self.quantizer.share_concatenate and source is not None:
+            return self._concatenate_view(eqn, infos, source, ctx)
+        if source is None or prim not in self.quantizer.share_through or len(eqn.outvars) != 1:
+            return None
+        if patterns.chain_end(eqn, users, self.quantizer.share_through):
+            owner = self._site(source[0])
+            spec = owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
+            self._view(eqn, View(source[0], source[1], spec, prim))
+        return VarInfo(qparams_of=source)
+
+    def _concatenate_view(self, eqn, infos, source, ctx: Scope) -> VarInfo | None:
+        """torch x86: a cat's inputs and output all use the first input's observer (inputs already quantized
+        with it are not observed again; a site whose only consumer is this cat gives up its own observer)."""
+        if eqn.primitive.name not in self.candidates:
+            return None
+        candidate, _ = self.candidate(eqn, infos, ctx, peek=True)
+        annotation = self.quantizer.annotate(candidate)
+        if annotation is None or annotation.output is None:
+            return None
+        owner = self._site(source[0])
+        spec = owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
+        observe = self._join_group(eqn, infos, skip=source)
+        self._view(eqn, View(source[0], source[1], spec, "concatenate", inputs=tuple(observe)))
+        return VarInfo(qparams_of=source)
+
+    def _join_group(self, eqn, infos, skip) -> list[int]:
+        """Activation operands of a concatenate that join its observer group (their producer site, when this
+        cat is that site's only consumer, gives up its own output observer)."""
+        observe = []
+        for position, (var, info) in enumerate(zip(eqn.invars, infos, strict=True)):
+            if isinstance(var, Literal) or not _is_float(var.aval) or info.param_path is not None or info.constant:
+                continue
+            if skip is not None and info.qparams_of == skip:
+                continue
+            producer = info.qparams_of[0] if info.qparams_of else None
+            if producer is not None and self.output_var.get(producer) is var and self._uses(var) == 1:
+                self.dropped.add(producer)
+            observe.append(position)
+        return observe
+
+    def _view(self, eqn, view: View) -> None:
+        self.by_eqn[id(eqn)] = view
+        self.keepalive.append(eqn)
+
+    def _uses(self, var) -> int:
+        return self.use_counts.get(var, 0)
+
+    def _site(self, name: str) -> Site:
+        return next(s for s in reversed(self.sites) if s.name == name)
+
+    def finish(self) -> None:
+        """Apply what the graph options decided to the site records (fused tails, dropped outputs)."""
+        for i, site in enumerate(self.sites):
+            changes = {}
+            if site.name in self.fused:
+                changes["fused"] = self.fused[site.name]
+            if site.name in self.dropped:
+                changes["output_spec"] = None
+                changes.pop("fused", None)
+                self.fused_eqns.pop(site.name, None)
+            if not changes:
+                continue
+            new = dataclasses.replace(site, **changes)
+            self.sites[i] = new
+            eqn = self.eqn_of[site.name]
+            self.by_eqn[id(eqn)] = new
+        for key, view in list(self.by_eqn.items()):
+            if isinstance(view, View) and view.name in self.dropped and view.key == "output":
+                del self.by_eqn[key]
 
     def walk_higher_order(self, eqn, infos, ctx: Scope):
         rule = rule_for(eqn.primitive)
@@ -114,32 +269,55 @@ class _Discovery:
         return rule.discover(self, eqn, infos, ctx.enter(name=clean_name_stack(str(eqn.source_info.name_stack))))
 
     # -- sites ---------------------------------------------------------------------------------------------
-    def match(self, site_name: str, primitive: str) -> Rule | None:
-        for i, rule in enumerate(self.rules):
-            if rule.matches(site_name, primitive):
-                self.used_rules.add(i)
-                return rule
-        return None
-
-    def make_site(self, eqn, infos, ctx: Scope) -> Site:
+    def candidate(self, eqn, infos, ctx: Scope, peek: bool = False) -> tuple[Candidate, list[int]]:
+        """The site candidate of ``eqn`` (taking its name unless ``peek``) and its floating-point positions."""
         prim = eqn.primitive.name
         name_stack = ctx.enter(name=clean_name_stack(str(eqn.source_info.name_stack))).prefix
         positions = [i for i, v in enumerate(eqn.invars) if not isinstance(v, Literal) and _is_float(v.aval)]
-        roles = ["weight" if infos[i].param_path is not None else "input" for i in positions]
+        roles = tuple("weight" if infos[i].param_path is not None else "input" for i in positions)
         weight_path = next((infos[i].param_path for i in positions if infos[i].param_path is not None), None)
-        site_name = self.namer(site_base_name(name_stack, weight_path, prim))
-        rule = self.match(site_name, prim)
+        base = site_base_name(name_stack, weight_path, prim)
+        name = self.namer.peek(base) if peek else self.namer(base)
+        shapes = tuple(tuple(eqn.invars[i].aval.shape) for i in positions)
+        return Candidate(name, prim, roles, shapes, tuple(infos[i].param_path for i in positions)), positions
+
+    def make_site(self, eqn, infos, ctx: Scope) -> Site:
+        prim = eqn.primitive.name
+        candidate, positions = self.candidate(eqn, infos, ctx)
+        site_name, roles = candidate.name, list(candidate.roles)
+        rule = self.quantizer.annotate(candidate)
+        cat_group = (
+            self.quantizer.share_concatenate and prim == "concatenate" and rule is not None
+            and _static_per_tensor(rule.output)
+        )
+        joining = set(self._join_group(eqn, infos, skip=None)) if cat_group else set()
         operands = []
         act_position = 0
+        note = ""
         for index, role, key in zip(positions, roles, role_keys(roles, positions), strict=True):
             aval = eqn.invars[index].aval
             if role == "weight":
                 spec = rule.weight if rule else None
                 out_axes, contract = dataflow.weight_axes(prim, eqn.params, index, len(aval.shape))
+                k = int(np.prod([aval.shape[a] for a in contract])) if contract else 0
+                if (isinstance(spec, QuantizationSpec) and spec.block_size and contract and k % spec.block_size
+                        and rule.weight_fallback is not None):
+                    note = (f"group size {spec.block_size} does not divide the contraction size {k}: "
+                            f"{_short_spec(rule.weight_fallback)} instead")
+                    self.fallbacks.append(f"{site_name} ({note})")
+                    spec = rule.weight_fallback
             else:
                 spec = rule.input_spec(act_position) if rule else None
                 act_position += 1
                 out_axes, contract = (), ()
+                source = infos[index].qparams_of
+                if index in joining:  # a cat group owned by this site: observed before the output
+                    spec = SharedQuantizationSpec("output")
+                elif source is not None and isinstance(spec, QuantizationSpec) and not spec.is_dynamic:
+                    # Already quantized by an earlier site: reuse its qparams (no observer of its own).
+                    owner = self._site(source[0])
+                    target = owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
+                    spec = SharedQuantizationSpec(source[1], site=source[0], spec=target)
             if isinstance(spec, QuantizationSpec) and spec.ch_axis is not None:
                 out_axes = (spec.ch_axis % max(len(aval.shape), 1),)
             operands.append(
@@ -170,6 +348,7 @@ class _Discovery:
             rule=rule,
             stack=ctx.stack,
             in_while=ctx.in_while,
+            note=note,
         )
         self.sites.append(site)
         if site.quantized:
@@ -177,6 +356,10 @@ class _Discovery:
             self.by_eqn[id(eqn)] = site
             self.keepalive.append(eqn)
         return site
+
+
+def _short_spec(spec: QuantizationSpec) -> str:
+    return f"{spec.dtype} {spec.qscheme}" + (f" (groups of {spec.block_size})" if spec.block_size else "")
 
 
 def _validate_site(site: Site, known: dict[str, Site]) -> None:
@@ -197,6 +380,15 @@ def _validate_site(site: Site, known: dict[str, Site]) -> None:
                     raise ValueError(f"{where}: block_size={spec.block_size} does not divide the contraction size {k}")
             if spec.fake_quant == "lsq" and spec.per_channel and (spec.block_size or len(op.out_axes) != 1):
                 raise ValueError(f"{where}: LSQ supports per-tensor or single-axis per-channel qparams only")
+        elif isinstance(spec, SharedQuantizationSpec) and spec.site is not None:
+            if spec.site not in known:
+                raise ValueError(f"{where}: SharedQuantizationSpec refers to unknown site {spec.site!r}")
+        elif isinstance(spec, SharedQuantizationSpec) and spec.target == "output":
+            if not _static_per_tensor(site.output_spec):
+                raise ValueError(
+                    f"{where}: sharing the output's qparams needs a static per-tensor output QuantizationSpec, "
+                    f"got {site.output_spec!r}"
+                )
         elif isinstance(spec, SharedQuantizationSpec):
             target = keys.get(spec.target)
             if target is None or not isinstance(target.spec, QuantizationSpec) or target is op:
@@ -222,26 +414,37 @@ def _check_reference(site, op, ref, keys, known, where) -> None:
             )
         if key not in {o.key for o in known[producer].operands}:
             raise ValueError(f"{where}: producer site {producer!r} has no operand {key!r}")
+    elif ":" in ref:  # "<site name>:<role>": any earlier site in the same scope
+        other, key = ref.rsplit(":", 1)
+        if other not in known or key not in {o.key for o in known[other].operands} | {"output"}:
+            raise ValueError(
+                f"{where}: DerivedQuantizationSpec refers to {ref!r}, but no earlier site {other!r} in this scope "
+                f"has a tensor {key!r}"
+            )
     elif ref not in keys or ref == op.key:
         raise ValueError(f"{where}: DerivedQuantizationSpec refers to unknown operand {ref!r}; have {sorted(keys)}")
 
 
-def build_plan(closed: ClosedJaxpr, arg_paths: list[str | None], rules: tuple[Rule, ...], strict: bool) -> Plan:
-    """Discover, name and configure the sites of ``closed``; ``arg_paths`` marks the weight inputs."""
-    discovery = _Discovery(rules)
+def build_plan(
+    closed: ClosedJaxpr, arg_paths: list[str | None], quantizer: Quantizer | tuple[Rule, ...], strict: bool = False
+) -> Plan:
+    """Discover, name and configure the sites of ``closed``; ``arg_paths`` marks the weight inputs.
+
+    ``quantizer``: a ``Quantizer`` or a tuple of rules (``strict``: a rule matching no site raises)."""
+    quantizer = as_quantizer(quantizer, strict)
+    discovery = _Discovery(quantizer)
     in_infos = [VarInfo(param_path=p) for p in arg_paths]
     discovery.walk(closed.jaxpr, in_infos, Scope())
-    unmatched = tuple(r for i, r in enumerate(rules) if i not in discovery.used_rules)
-    if unmatched:
-        names = [s.name for s in discovery.sites]
-        message = (
-            f"jquant.quantize: {len(unmatched)} rule(s) matched no site: "
-            f"{', '.join(r.describe() for r in unmatched)}. Sites: {names}"
+    discovery.finish()
+    if discovery.fallbacks:
+        warnings.warn(
+            f"jquant.quantize: {len(discovery.fallbacks)} site(s) use their rule's weight_fallback: "
+            + "; ".join(discovery.fallbacks),
+            stacklevel=4,
         )
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=4)
-    plan = Plan(closed, discovery.sites, discovery.by_eqn, discovery.inner, unmatched)
+    quantizer.validate(discovery.sites)
+    unmatched = quantizer.unmatched(discovery.sites) if isinstance(quantizer, RuleQuantizer) else ()
+    fused_eqns = {k: v for k, v in discovery.fused_eqns.items() if k not in discovery.dropped}
+    plan = Plan(closed, discovery.sites, discovery.by_eqn, discovery.inner, unmatched, fused_eqns=fused_eqns)
     plan._keepalive = discovery.keepalive  # id(eqn) keys stay valid while the plan lives
     return plan
-

@@ -58,6 +58,10 @@ class Site:
     rule: Rule | None
     stack: tuple[int, ...] = ()
     in_while: bool = False
+    note: str = ""  # why a site's specs differ from its rule's (e.g. a weight_fallback), for reports
+    # Primitives fused after the site's equation (e.g. ("add", "relu"): bias add and ReLU); the output spec
+    # then applies to the last of them (see ``View``), as torch observes LinearReLU / add_relu outputs.
+    fused: tuple[str, ...] = ()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -89,13 +93,41 @@ class Site:
         parts = ", ".join(f"{op.key}{list(op.shape)}={_short(op.spec)}" for op in self.operands)
         out = f", output={_short(self.output_spec)}" if self.output_spec is not None else ""
         stack = f" stacked{list(self.stack)}" if self.stack else ""
-        return f"{self.name} [{self.primitive}]{stack}: {parts}{out}"
+        fused = f"+{'+'.join(self.fused)}" if self.fused else ""
+        return f"{self.name} [{self.primitive}{fused}]{stack}: {parts}{out}"
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """Another equation where a site's slot is used: observe / fake-quantize there with the site's qparams.
+
+    Views are what make one observer span several equations, as torch's shared observers do: the last equation
+    of a fused pattern (the ReLU after a conv's bias add: ``key="output"``), a value-preserving op on a quantized
+    value (max-pool, reshape: the owner's observer also sees its output), or a concatenate whose inputs join
+    the first input's observer (``inputs``: operand positions observed and fake-quantized before the equation).
+    ``name`` is the owning site's name (its qstate entry); ``primitive`` the viewed equation's primitive.
+    A plan maps such equations to ``View`` records in ``Plan.by_eqn``; ``qf.sites`` lists only sites.
+    """
+
+    name: str
+    key: str
+    spec: Any
+    primitive: str
+    inputs: tuple[int, ...] = ()
+    output: bool = True
+
+    def __str__(self) -> str:
+        observed = [f"input{i}" for i in self.inputs] + (["output"] if self.output else [])
+        return f"view of {self.name}[{self.key}] at {self.primitive}: {', '.join(observed)}"
 
 
 def _short(spec: Spec) -> str:
     if spec is None:
         return "float"
-    fields = [f"{k}={v!r}" for k, v in vars(spec).items() if k in ("dtype", "qscheme", "target", "scale")]
+    fields = [
+        f"{k}={v!r}" for k, v in vars(spec).items() if k in ("dtype", "qscheme", "target", "site", "scale")
+        and not (k == "site" and v is None)
+    ]
     return f"{type(spec).__name__}({', '.join(fields)})"
 
 
@@ -138,8 +170,13 @@ class Namer:
         self._counts: dict[str, int] = {}
 
     def __call__(self, base: str) -> str:
+        name = self.peek(base)
+        self._counts[base] = self._counts.get(base, 0) + 1
+        return name
+
+    def peek(self, base: str) -> str:
+        """The name the next call would hand out, without taking it."""
         count = self._counts.get(base, 0)
-        self._counts[base] = count + 1
         return base if count == 0 else f"{base}_{count}"
 
 

@@ -4,12 +4,14 @@ All classes are frozen, validated dataclasses so a config is a hashable value th
 
 - ``QuantizationSpec``: observe a tensor (or compute its qparams on the fly when ``is_dynamic``) and
   fake-quantize it with a straight-through (``"ste"``) or learnable (``"lsq"``) fake quant.
-- ``FixedQParamsSpec``: constant qparams, e.g. a sigmoid output on ``[0, 1]`` with scale 1/256.
-- ``SharedQuantizationSpec``: reuse the qparams (and observer) of another tensor of the same site, named by
-  its role key (``"input0"``, ``"weight"``, ...): e.g. both inputs of a concatenate.
+- ``FixedQParamsSpec`` (alias ``FixedQParamsQuantizationSpec``): constant qparams, e.g. a sigmoid output on
+  ``[0, 1]`` with scale 1/256.
+- ``SharedQuantizationSpec``: reuse the qparams (and observer) of another tensor, named by its role key
+  (``"input0"``, ``"weight"``, ``"output"``) in this site or in another site: e.g. the inputs of a concatenate.
 - ``DerivedQuantizationSpec``: qparams computed from other tensors' qparams, e.g. an int32 bias whose scale is
-  the activation scale times the weight scale. References are role keys of the same site, or
-  ``"producer:<role>"`` for the site that produced this site's activation input (the dot before a bias add).
+  the activation scale times the weight scale. References are role keys of the same site,
+  ``"producer:<role>"`` for the site that produced this site's activation input (the dot before a bias add), or
+  ``"<site name>:<role>"`` for any earlier site in the same scope.
 - ``None`` anywhere a spec is expected: leave that tensor in float.
 """
 
@@ -101,9 +103,19 @@ class FixedQParamsSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SharedQuantizationSpec:
-    """Use the qparams of another tensor of the same site (role key such as "input0"); its observer sees both."""
+    """Use the qparams (and observer) of another tensor instead of an observer of its own.
+
+    ``target`` is a role key ("input0", "output", ...) of this site, or of the site named by ``site``
+    (PT2E's sharing by edge or node across ops). Within a site the target's observer sees both tensors
+    (an input sharing "output" is observed before the output, as a torch ``cat`` group). Across sites the
+    tensor is fake-quantized with the other site's stored qparams; jquant's planner creates such specs itself
+    for values that are already quantized (implicit sharing, see ``jquant.transform.quantizer``).
+    """
 
     target: str
+    site: str | None = None
+    # The target's QuantizationSpec, filled in by the planner for cross-site sharing (users leave it None).
+    spec: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _product_of_scales(*qparams: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -119,8 +131,9 @@ def _product_of_scales(*qparams: tuple[Any, Any]) -> tuple[Any, Any]:
 class DerivedQuantizationSpec:
     """Qparams derived from other tensors' qparams (default: the product of their scales, zero point 0).
 
-    ``derived_from`` holds role keys of this site or ``"producer:<role>"`` (the site that produced this site's
-    activation input, in the same scope). ``derive_fn(*[(scale, zp), ...]) -> (scale, zp)``.
+    ``derived_from`` holds role keys of this site, ``"producer:<role>"`` (the site that produced this site's
+    activation input, in the same scope) or ``"<site name>:<role>"`` (any earlier site in the same scope, e.g.
+    ``"Conv_0/conv_general_dilated:output"``). ``derive_fn(*[(scale, zp), ...]) -> (scale, zp)``.
     """
 
     derived_from: tuple[str, ...]
@@ -136,6 +149,9 @@ class DerivedQuantizationSpec:
         if not self.derived_from:
             raise ValueError("derived_from: name at least one tensor (e.g. ('producer:input', 'producer:weight'))")
 
+
+# PT2E's name for the same thing.
+FixedQParamsQuantizationSpec = FixedQParamsSpec
 
 Spec = QuantizationSpec | FixedQParamsSpec | SharedQuantizationSpec | DerivedQuantizationSpec | None
 SPEC_TYPES = (QuantizationSpec, FixedQParamsSpec, SharedQuantizationSpec, DerivedQuantizationSpec)
@@ -157,6 +173,9 @@ class Rule:
       weight: spec for operands that come from the weights argument.
       inputs: spec for activation operands: one spec for all, or a tuple with one spec per activation operand.
       output: spec for the site's output (optional).
+      weight_fallback: spec for a weight that ``weight`` cannot quantize (its group size does not divide the
+        weight's contraction size); None makes such a site an error. Sites that fall back are listed in one
+        warning and in ``site.note``.
     A rule whose specs are all None keeps the matched sites in float (useful to exclude a layer).
     """
 
@@ -165,6 +184,7 @@ class Rule:
     weight: Spec = None
     inputs: Spec | tuple[Spec, ...] = None
     output: Spec = None
+    weight_fallback: Spec = None
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -178,6 +198,7 @@ class Rule:
         object.__setattr__(self, "primitives", prims)
         _check_spec("weight", self.weight)
         _check_spec("output", self.output)
+        _check_spec("weight_fallback", self.weight_fallback)
         if isinstance(self.inputs, list | tuple):
             object.__setattr__(self, "inputs", tuple(self.inputs))
             for i, spec in enumerate(self.inputs):

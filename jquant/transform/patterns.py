@@ -1,0 +1,116 @@
+"""Multi-equation patterns, matched during discovery as torch FX fuses modules before it observes them.
+
+Vocabulary: the *anchor* is a site's own equation (dot_general, conv_general_dilated, add); the *tail* is the
+last equation of its pattern, whose output the site's output spec observes. Patterns (torch x86 fusions):
+
+- dot / conv -> bias add -> ReLU          LinearReLU / ConvReLU2d (bias and ReLU optional)
+- add -> ReLU                             add_relu
+- conv / dot -> BatchNorm (inference)     folded into the kernel before discovery (``fold_bn.py``)
+
+An equation joins a pattern only when it is the single consumer of the current tail's output; a bias add
+is an ``add`` whose other operand holds weights or constants only. ReLU is ``jax.nn.relu`` (a custom_jvp
+call around ``max(x, 0)``) or ``max(x, 0)`` / ``max(0, x)`` written directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+
+from jquant.transform.dataflow import VarInfo
+
+# Anchors that take a bias add (torch Linear / Conv modules own their bias).
+BIASED = frozenset({"dot_general", "conv_general_dilated"})
+# Anchors whose output may be followed by a fused ReLU.
+ANCHORS = BIASED | {"add"}
+# Layout-only primitives: a chain of them is one torch op (``flatten`` == transpose + reshape in NHWC code).
+LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims"})
+
+
+def use_counts(jaxpr: Jaxpr) -> Counter:
+    """How often each variable is read (by equations or as an output of ``jaxpr``)."""
+    counts: Counter = Counter()
+    for eqn in jaxpr.eqns:
+        counts.update(v for v in eqn.invars if not isinstance(v, Literal))
+    counts.update(v for v in jaxpr.outvars if not isinstance(v, Literal))
+    return counts
+
+
+def consumers(jaxpr: Jaxpr) -> dict:
+    """``{var: [eqn, ...]}``: the equations reading each variable."""
+    found: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, Literal):
+                found.setdefault(v, []).append(eqn)
+    return found
+
+
+def _is_zero(var) -> bool:
+    return isinstance(var, Literal) and np.all(np.asarray(var.val) == 0)
+
+
+def is_relu(eqn) -> bool:
+    """``max(x, 0)`` in any spelling: ``lax.max`` with a zero literal, or a call (jax.nn.relu's custom_jvp,
+    a jit) whose body is one such equation."""
+    if eqn.primitive.name == "max":
+        return len(eqn.invars) == 2 and (_is_zero(eqn.invars[0]) or _is_zero(eqn.invars[1]))
+    for value in eqn.params.values():
+        if isinstance(value, ClosedJaxpr | Jaxpr):
+            body = value.jaxpr if isinstance(value, ClosedJaxpr) else value
+            return len(body.eqns) == 1 and len(eqn.invars) == 1 and is_relu(body.eqns[0])
+    return False
+
+
+def relu_input(eqn):
+    """The activation operand of a ReLU equation."""
+    if eqn.primitive.name == "max":
+        return eqn.invars[1] if _is_zero(eqn.invars[0]) else eqn.invars[0]
+    return eqn.invars[0]
+
+
+def is_bias_add(eqn, var, infos: list[VarInfo]) -> bool:
+    """``var + b`` where ``b`` holds weights / constants only (a Linear or Conv bias)."""
+    if eqn.primitive.name != "add" or len(eqn.invars) != 2:
+        return False
+    positions = [i for i, v in enumerate(eqn.invars) if v is var]
+    if len(positions) != 1:
+        return False
+    other = infos[1 - positions[0]]
+    return other.param_path is not None or other.constant
+
+
+class OpenPattern:
+    """A site whose pattern may still grow: its current tail equation and the primitives fused so far."""
+
+    def __init__(self, site_name: str, anchor_primitive: str, anchor_eqn):
+        self.site_name = site_name
+        self.anchor_primitive = anchor_primitive
+        self.tail = anchor_eqn
+        self.fused: list[str] = []
+        self.eqns: list = []  # the absorbed equations, in order (the tail last)
+
+    def extend(self, eqn, infos: list[VarInfo], var, uses: Counter) -> bool:
+        """Absorb ``eqn`` (which reads ``var``, this pattern's tail output) if it continues the pattern."""
+        if uses[var] != 1 or "relu" in self.fused:
+            return False
+        if is_relu(eqn) and relu_input(eqn) is var:
+            self.fused.append("relu")
+        elif self.anchor_primitive in BIASED and not self.fused and is_bias_add(eqn, var, infos):
+            self.fused.append("add")
+        else:
+            return False
+        self.tail = eqn
+        self.eqns.append(eqn)
+        return True
+
+
+def chain_end(eqn, by_var_consumers: dict, share_through: frozenset[str]) -> bool:
+    """False when ``eqn`` is a layout op whose only consumer is another shared layout op (one torch op:
+    the observer sees the chain's output once)."""
+    if eqn.primitive.name not in LAYOUT:
+        return True
+    users = by_var_consumers.get(eqn.outvars[0], [])
+    return not (len(users) == 1 and users[0].primitive.name in LAYOUT and users[0].primitive.name in share_through)
