@@ -214,6 +214,8 @@ def link_sites(
                 names = ", ".join(_name(m, r) for m, r in cands)
                 raise InteropError(f"jquant {site.name}/output: ambiguous, torch {torch_op!r} output has {names}")
             found = cands[0] if cands else None
+        if found is None and graph and module is None:
+            found = _output_through_inputs(table, records, site, producer_op)
         if found is None:
             fed = {
                 (lk.torch_module, lk.torch_role)
@@ -242,6 +244,32 @@ def link_sites(
         links = [lk for lk in links if (lk.site, lk.key) != (site_name, key)]
         links.append(SiteLink(mod, role, site_name, key, "override"))
     return links
+
+
+def _output_through_inputs(table: QParamTable, records: list, site: Any, producer_op: Any) -> tuple[str, str] | None:
+    """A site without a weight (add, cat): the torch op that consumes what its inputs' producer modules output
+    (one op common to all of them), and that op's output record."""
+    common: set[str] | None = None
+    for op in site.operands:
+        want = producer_op(op.producer) if op.role == "input" and op.producer else None
+        if want is None:
+            continue
+        users = {c for m, r, rec in records if r == "output" and rec.producer == want for c in rec.consumers or ()}
+        common = users if common is None else common & users
+    if not common:
+        return None
+    weighted = {c for roles in table.values() if "weight" in roles for c in roles["weight"].consumers or ()}
+    common -= weighted
+    if len(common) > 1:
+        raise InteropError(f"jquant {site.name}/output: ambiguous, its inputs meet at torch ops {sorted(common)}")
+    if not common:
+        return None
+    (torch_op,) = common
+    cands = [(m, r) for m, r, rec in records if r == "output" and rec.producer == torch_op]
+    if len(cands) > 1:
+        names = ", ".join(_name(m, r) for m, r in cands)
+        raise InteropError(f"jquant {site.name}/output: ambiguous, torch {torch_op!r} output has {names}")
+    return cands[0] if cands else None
 
 
 def unlinked_records(table: QParamTable, links: Iterable[SiteLink]) -> list[tuple[str, str]]:

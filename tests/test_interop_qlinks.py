@@ -229,3 +229,24 @@ def test_eager_qat_model_is_traced_for_links():
         ("fc2", "input"): ("fc1", "output", "graph"),
         ("fc4", "input"): ("add", "output", "graph"),  # by order: fc2's output
     }
+
+
+def test_torch_x86_preset_with_imported_qparams_equals_the_reference_model():
+    import jquant
+
+    if not hasattr(jquant.presets, "torch_x86"):
+        pytest.skip("jquant.presets.torch_x86 is not there yet")
+    prepared = _prepared()
+    ref = convert_to_reference_fx(prepared)
+    _, params, x0 = _jquant(import_qparams(ref.state_dict()), ref.state_dict())
+    fm = FlaxSkip()
+    qf = quantize(lambda p, x: fm.apply(p, x), jquant.presets.torch_x86())
+    qstate0 = qf.init(params, x0)
+    table = import_qparams(ref.state_dict(), model=ref)
+    rows = _rows(link_sites(table, qf.sites, qstate=qstate0))
+    assert rows[("fc1", "output")] == ("fc1", "output", "graph")  # fused Linear+ReLU: observed after the ReLU
+    assert [v for k, v in rows.items() if k[0] == "FlaxSkip"] == [("_scale_0", "output", "graph")]  # the add
+    qstate = import_qparams(ref.state_dict(), model=ref, qstate=qstate0, sites=qf.sites)
+    x = torch.randn(256, 6) * 1.5
+    out, _ = qf.apply(qstate, params, x.numpy(), mode="eval")
+    np.testing.assert_allclose(np.asarray(out), ref(x).detach().numpy(), rtol=0, atol=1e-5)
