@@ -135,7 +135,9 @@ class RuleQuantizer(Quantizer):
         self.rules = normalize_config(rules)
         self.strict = strict
         self.optional = tuple(optional)  # rules that may match nothing without a warning (a preset's extras)
-        self.primitives = tuple(dict.fromkeys(DEFAULT_PRIMITIVES + tuple(p for r in self.rules for p in r.primitives)))
+        # No rules (config=[]): no candidates at all, so nothing is even looked at (the escape hatch).
+        named = tuple(p for r in self.rules for p in r.primitives)
+        self.primitives = tuple(dict.fromkeys(DEFAULT_PRIMITIVES + named)) if self.rules else ()
         self.fold_batchnorm = fold_batchnorm
         self.fuse = fuse
         self.share_through = frozenset(share_through)
