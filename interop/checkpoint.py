@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,7 +133,10 @@ def _load_pickle(path: str, progress: bool) -> dict[str, Value]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's own loader of quantized tensors uses TypedStorage and warns about it: not the user's business
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         match = re.search(r"GLOBAL ([\w.]+)", str(err))
         culprit = match.group(1) if match else "a global that is not an allowed weights-only type"
@@ -263,7 +267,8 @@ def save_torch_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> 
     if path.endswith(PICKLE_SUFFIXES):
         torch = require_torch("writing .pt checkpoints")
         tensors = {k: to_torch(v, k) for k, v in state.items()}
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
             torch.save(tensors, tmp)
         return
     raise CheckpointError(f"{path}: unknown torch checkpoint suffix; use .safetensors or .pt")
