@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from conftest import TORCH_INT8_EXACT  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch.ao import quantization as tq  # noqa: E402
 
 from interop import import_qparams, link_sites, spec_from_record, torch_to_flax  # noqa: E402
 from interop.checkpoint import state_dict_to_numpy  # noqa: E402
-from jquant.transform import QuantizationSpec, Rule, quantize  # noqa: E402
 from jquant import convert  # noqa: E402
+from jquant.transform import QuantizationSpec, Rule, quantize  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -86,9 +87,13 @@ def test_torch_int8_runtime_and_jquant_int8_agree_on_digits(tmp_path):
     int_fn, int_params = convert(qf, qstate, params, X)
     jq_logits = np.asarray(int_fn(int_params, X))
 
-    assert (jq_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 0.995
+    assert (jq_logits.argmax(1) == torch_logits.argmax(1)).mean() >= (0.995 if TORCH_INT8_EXACT else 0.99)
     # torch requantizes the logits to fc2's output grid (and clamps there); on that grid both agree
     out = table["fc2"]["output"]
     step, zp = float(out.scale), int(out.zero_point)
     on_grid = (np.clip(np.round(jq_logits / step) + zp, out.quant_min, out.quant_max) - zp) * step
-    assert np.abs(on_grid - torch_logits).max() <= step * 1.0001
+    within_step = np.abs(on_grid - torch_logits) <= step * 1.0001
+    if TORCH_INT8_EXACT:
+        assert within_step.all()
+    else:  # torch's int16-saturating AVX2 kernel moves a few logits (measured: 52 of 17,970)
+        assert within_step.mean() >= 0.99, within_step.mean()

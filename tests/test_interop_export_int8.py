@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import TORCH_INT8_EXACT
 
 import interop
 import jquant
+from jquant import convert
 from jquant.examples.digits import accuracy, batches, cross_entropy, load_digits_split
 from jquant.flax import QATSchedule, QATTrainState
-from jquant import convert
 
 torch = pytest.importorskip("torch")
 from torch.ao import quantization as tq  # noqa: E402
@@ -103,7 +104,14 @@ def test_exported_qat_model_runs_on_torch_int8_kernels_with_the_same_predictions
         torch_logits = int8_model(torch.from_numpy(x_test)).numpy()
 
     agreement = (torch_logits.argmax(1) == jq_logits.argmax(1)).mean()
-    assert agreement >= 0.995, agreement
+    # Without VNNI torch's int8 kernel saturates pairwise sums at int16 (see conftest.TORCH_INT8_EXACT).
+    assert agreement >= (0.995 if TORCH_INT8_EXACT else 0.99), agreement
     step, zero_point = float(int8_model.fc2.scale), int(int8_model.fc2.zero_point)
     on_torch_grid = (np.clip(np.round(jq_logits / step) + zero_point, 0, 255) - zero_point) * step
-    assert np.abs(on_torch_grid - torch_logits).max() <= step * 1.0001
+    within_step = np.abs(on_torch_grid - torch_logits) <= step * 1.0001
+    print(f"logits within one torch output step: {within_step.mean():.4f}")
+    if TORCH_INT8_EXACT:
+        assert within_step.all()
+    # Without VNNI, torch's int16-saturating kernel moves most logits by a few steps (measured 27% within one
+    # step on an AVX2 EPYC) while predictions still agree (>= 99%, asserted above): exactness is only
+    # asserted where torch's kernel is exact.
