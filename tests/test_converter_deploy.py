@@ -122,3 +122,28 @@ def test_int4_layers_whose_contraction_the_group_does_not_divide_fall_back_to_in
     assert rows["l1/w/dot_general"].weight_dtype == "int4" and rows["l1/w/dot_general"].kind == "weight_only"
     expected, _ = qf.apply(qstate, params, x, mode="eval")
     np.testing.assert_allclose(int_fn(int_params, x), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_torch_x86_model_converts_every_conv_and_dense_to_int8_kernels():
+    """Fused conv+ReLU outputs (observed at the ReLU), a shared max-pool / flatten and dense layers reading
+    those already-quantized values all run on int8 kernels; the result equals eval on the output grid."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.max_pool(nn.relu(nn.Conv(8, (3, 3))(x)), (2, 2), (2, 2))
+            return nn.Dense(10)(nn.relu(nn.Dense(32)(y.reshape(y.shape[0], -1))))
+
+    x = jnp.asarray(RNG.standard_normal((16, 8, 8, 3)), jnp.float32)
+    model = Net()
+    variables = model.init(jax.random.key(1), x)
+    qf = jquant.quantize(model.apply, presets.torch_x86())
+    qstate = qf.init(variables, x)
+    _, qstate = qf.apply(qstate, variables, x, mode="calibrate")
+    int_fn, int_params = jquant.convert(qf, qstate, variables, x)
+    assert {r.kind for r in int_fn.report.sites} == {"static"}
+    expected, _ = qf.apply(qstate, variables, x, mode="eval")
+    step = float(qstate["Net/Dense_1/dot_general"]["output"].scale)
+    np.testing.assert_allclose(int_fn(int_params, x), expected, atol=step * 1.001)
+    assert int_fn(int_params, x[:3]).shape == (3, 10)

@@ -236,3 +236,13 @@ def test_kernels_work_under_jit():
     qw = quantize_weight(w, axis=-1, contracting_axes=(0,))
     f = jax.jit(lambda p, v: int8_dot_general(v, p, DENSE, act_scale=0.03, act_zero_point=128))
     np.testing.assert_array_equal(f(qw, x), int8_dot_general(x, qw, DENSE, act_scale=0.03, act_zero_point=128))
+
+
+def test_quantized_weight_granularity_is_derived_from_block_size():
+    w = _normal(64, 6)
+    per_channel = quantize_weight(w, dtype="int8", axis=-1)
+    grouped = quantize_weight(w, dtype="int4", axis=-1, group_size=16, group_axis=0)
+    per_tensor = quantize_weight(w, dtype="int8", axis=None)
+    assert (per_channel.block_size, per_channel.axis, per_channel.group_axis) == ((64, 1), 1, None)
+    assert (grouped.block_size, grouped.axis, grouped.group_axis, grouped.group_size) == ((16, 1), 1, 0, 16)
+    assert (per_tensor.block_size, per_tensor.axis, per_tensor.group_size) == ((64, 6), None, None)

@@ -32,6 +32,8 @@ WEIGHT_DTYPES = ("int8", "int4")
 class QuantizedWeight:
     """An integer weight with its quantization parameters; the float weight is not kept.
 
+    Granularity is one fact, ``block_size`` (per tensor, per channel, per group); ``axis`` / ``group_axis`` /
+    ``group_size`` are derived from it.
     ``qvalue``: int8 values, or for ``packed`` int4 two values per uint8 byte along ``packed_axis``.
     ``scale``: float32 of shape ``shape[i] // block_size[i]``. ``zero_point``: int32 like ``scale`` or None
     (symmetric). ``w_sums``: int32 sums of the integer values over ``sum_axes`` (precomputed for the
@@ -50,13 +52,28 @@ class QuantizedWeight:
     dtype: str = field(default="int8", metadata=dict(static=True))
     shape: tuple[int, ...] = field(default=(), metadata=dict(static=True))
     block_size: tuple[int, ...] = field(default=(), metadata=dict(static=True))
-    axis: int | None = field(default=None, metadata=dict(static=True))
-    group_size: int | None = field(default=None, metadata=dict(static=True))
-    group_axis: int | None = field(default=None, metadata=dict(static=True))
     packed: bool = field(default=False, metadata=dict(static=True))
     packed_axis: int | None = field(default=None, metadata=dict(static=True))
     sum_axes: tuple[int, ...] | None = field(default=None, metadata=dict(static=True))
     kernel_layout: str | None = field(default=None, metadata=dict(static=True))
+
+    @property
+    def axis(self) -> int | None:
+        """The per-channel (output) axis, derived from ``block_size``: the dim of size > 1 with blocks of 1."""
+        dims = [i for i, (n, b) in enumerate(zip(self.shape, self.block_size, strict=True)) if b == 1 and n > 1]
+        return dims[0] if dims else None
+
+    @property
+    def group_axis(self) -> int | None:
+        """The axis split into groups, derived from ``block_size``: the dim whose blocks are neither 1 nor whole."""
+        dims = [i for i, (n, b) in enumerate(zip(self.shape, self.block_size, strict=True)) if 1 < b < n]
+        return dims[0] if dims else None
+
+    @property
+    def group_size(self) -> int | None:
+        """Weights per group along ``group_axis`` (None: no groups)."""
+        axis = self.group_axis
+        return None if axis is None else self.block_size[axis]
 
     @property
     def nbytes(self) -> int:
@@ -181,9 +198,6 @@ def quantize_weight(
         dtype=name,
         shape=tuple(w.shape),
         block_size=block,
-        axis=axis_n,
-        group_size=group_size,
-        group_axis=group_n,
         packed=packed,
         packed_axis=packed_axis,
         sum_axes=sum_axes,

@@ -20,6 +20,7 @@ Rules that match no site produce a warning, or a ValueError with ``strict=True``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -35,7 +36,7 @@ from jquant.transform.interpreter import interpret
 from jquant.transform.plan import Plan, build_plan
 from jquant.transform.quantizer import as_quantizer
 from jquant.transform.sites import Site, path_to_name
-from jquant.transform.state import init_qstate, validate_qstate
+from jquant.transform.state import init_qstate, unobserved_activations, validate_qstate
 
 
 class QuantizedFunction:
@@ -54,6 +55,7 @@ class QuantizedFunction:
         self.strict = strict
         self._plans: dict[Any, tuple[Plan, Any]] = {}
         self._last: Plan | None = None
+        self._warned_unobserved = False
         self._apply = {mode: jax.jit(partial(self._apply_impl, mode=mode)) for mode in ("calibrate", "qat", "eval")}
         for backward in (False, True):
             self._apply[("qat_int8", backward)] = jax.jit(
@@ -147,6 +149,18 @@ class QuantizedFunction:
             raise ValueError("int8_backward: needs int8_forward=True (the int8 input-gradient dot belongs to it)")
         plan, _ = self._trace(args)
         validate_qstate(qstate, plan)
+        if mode == "eval" and not self._warned_unobserved and _is_concrete(qstate):
+            try:
+                missing = unobserved_activations(qstate, plan)
+            except jax.errors.ConcretizationTypeError:  # inside someone's jit / grad trace: cannot tell here
+                missing = []
+            if missing:
+                self._warned_unobserved = True
+                warnings.warn(
+                    f"eval: static activation observers never ran at {', '.join(missing)}; their qparams are "
+                    "the initial ones (scale 1, zero point 0). Calibrate first (mode='calibrate').",
+                    stacklevel=2,
+                )
         out, new_qstate = self._apply[("qat_int8", int8_backward) if int8_forward else mode](qstate, *args)
         return out, (qstate if mode == "eval" else new_qstate)
 
@@ -163,6 +177,10 @@ class QuantizedFunction:
         if self._last is not None:
             lines += [f"  {site}" for site in self._last.sites]
         return "\n".join(lines)
+
+
+def _is_concrete(tree: Any) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def quantize(

@@ -29,7 +29,7 @@ first). Rows holding NaN give NaN rows, as in ``eval`` (the integer kernels woul
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -47,8 +47,8 @@ from jquant.transform import slots
 from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of, stateful
 from jquant.transform.interpreter import bind_eqn, interpret
-from jquant.transform.sites import Site, path_to_name
-from jquant.transform.specs import QuantizationSpec
+from jquant.transform.sites import Site, View, path_to_name
+from jquant.transform.specs import QuantizationSpec, SharedQuantizationSpec
 from jquant.transform.state import unobserved_activations, validate_qstate
 
 DENSE = (((1,), (0,)), ((), ()))
@@ -93,7 +93,16 @@ def _weight_operand(site: Site):
     return weights[0]
 
 
+def activation_spec(spec: Any) -> Any:
+    """The spec an activation is quantized with: a cross-site ``SharedQuantizationSpec`` (an input already
+    quantized by an earlier site, e.g. after a shared max-pool / flatten) stands for the target's spec."""
+    if isinstance(spec, SharedQuantizationSpec) and spec.site is not None and isinstance(spec.spec, QuantizationSpec):
+        return spec.spec
+    return spec
+
+
 def _activation_kind(spec: Any) -> tuple[str | None, str]:
+    spec = activation_spec(spec)
     if spec is None:
         return "weight_only", ""
     if not isinstance(spec, QuantizationSpec):
@@ -150,7 +159,7 @@ def plan_site(site: Site, eqn) -> SitePlan | None:
             return None
         layout = "conv"
     kind, why = _activation_kind(x_op.spec) if x_op is not None else (None, "no single activation input")
-    if site.output_spec is not None:
+    if site.output_spec is not None and not site.fused:
         kind, why = None, "output quantization (runs as fake quant)"
     elif layout == "conv" and kind == "weight_only":
         kind, why = None, "weight-only conv (dequantized weight, float conv)"
@@ -271,22 +280,23 @@ class IntHandler:
         self.pad = pad_batch_one
         self.eval = QuantizeHandler("eval")
 
-    def __call__(self, site: Site, eqn, invals: list, state: ConvertedSite, scope):
-        plan = self.plans.get(site.name)
-        if plan is None:
-            outs, _ = self.eval(site, eqn, invals, _eval_slots(state.eval), scope)
-            return outs, state
-        if plan.kind == "dequantize":
+    def __call__(self, site: Site | View, eqn, invals: list, state: ConvertedSite, scope):
+        plan = self.plans.get(site.name) if isinstance(site, Site) else None
+        if plan is None or plan.kind == "dequantize":
+            # Fake quant with the stored qparams: views (a fused ReLU's output, a shared max-pool), sites without
+            # an integer kernel, and sites whose weight is dequantized on the fly.
+            eval_scope = _EvalScope(scope)
             values = list(invals)
-            values[plan.weight_index] = _original_layout_weight(state.weight, plan, site, eqn)
-            outs, _ = self.eval(site, eqn, values, _eval_slots(state.eval), scope)
+            if plan is not None:
+                values[plan.weight_index] = _original_layout_weight(state.weight, plan, site, eqn)
+            outs, _ = self.eval(site, eqn, values, _eval_slots(state.eval), eval_scope)
             return outs, state
         x = invals[plan.input_index]
-        x_op = site.operands[plan.input_index]
+        x_spec = activation_spec(site.operands[plan.input_index].spec)
         if plan.layout == "conv":
-            y = self._conv(site, eqn, plan, x, state)
+            y = self._conv(site, eqn, plan, x, state, x_spec)
         else:
-            y = self._dot(site, eqn, plan, x, state, x_op.spec)
+            y = self._dot(site, eqn, plan, x, state, x_spec)
         return [y], state
 
     def _dot(self, site, eqn, plan, x, state: ConvertedSite, x_spec):
@@ -310,10 +320,9 @@ class IntHandler:
             y2 = weight_only_dot_general(x2, qw, DENSE, impl=self.weight_only_impl, pad_batch_one=self.pad)
         return layout.output(y2, x.shape, w_shape)
 
-    def _conv(self, site, eqn, plan, x, state: ConvertedSite):
+    def _conv(self, site, eqn, plan, x, state: ConvertedSite, x_spec):
         p = eqn.params
         qw = state.weight
-        x_spec = site.operands[plan.input_index].spec
         args = (x, qw, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
                 p["dimension_numbers"], p["feature_group_count"])
         if plan.kind == "static":
@@ -324,6 +333,22 @@ class IntHandler:
                              pad_batch_one=self.pad)
         return dynamic_int8_conv(*args, symmetric=is_symmetric(x_spec.qscheme), act_dtype=x_spec.dtype,
                                  impl=self.conv_impl, pad_batch_one=self.pad)
+
+
+class _EvalScope(Mapping):
+    """The scope as eval mode reads it (site name -> role -> slot), from the converted sites' stored qparams."""
+
+    def __init__(self, scope: Mapping[str, ConvertedSite]):
+        self.scope = scope
+
+    def __getitem__(self, name: str) -> dict:
+        return _eval_slots(self.scope[name].eval)
+
+    def __iter__(self):
+        return iter(self.scope)
+
+    def __len__(self) -> int:
+        return len(self.scope)
 
 
 def _eval_slots(qparams: dict | None) -> dict:
@@ -339,6 +364,8 @@ class _CaptureWeights:
         self.eqns = eqns_out
 
     def __call__(self, site, eqn, invals, state, scope):
+        if not isinstance(site, Site):  # a view of a site (fused ReLU, shared max-pool...): runs unchanged
+            return bind_eqn(eqn, invals), state
         self.eqns[site.name] = eqn
         plan = plan_site(site, eqn)
         if plan is not None:
@@ -480,14 +507,17 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         w_key = site.operands[sp.weight_index].key
         qw = _stacked(lambda w, slot, s=site, p=sp: quantize_site_weight(s, eqns[s.name], p, w, slot),
                       len(site.stack))(captured[name]["w"], qstate[name][w_key])
+        # Every site keeps its qparams for the equations that view it (a fused output, a shared max-pool).
+        eval_qparams = {key: qp for key, qp in eval_qparams.items() if sp.kind == "dequantize" or key != w_key}
         if sp.kind == "static":
-            x_key = site.operands[sp.input_index].key
-            scale, zp = _stacked(_slot_qparams, len(site.stack))(qstate[name][x_key])
-            site_states[name] = ConvertedSite(weight=qw, input=StaticInput(scale, zp, reciprocal(scale)))
-        elif sp.kind == "dequantize":
-            site_states[name] = ConvertedSite(weight=qw, eval=eval_qparams)
+            x_op = site.operands[sp.input_index]
+            shared = x_op.spec if isinstance(x_op.spec, SharedQuantizationSpec) else None
+            x_slot = qstate[shared.site][shared.target] if shared is not None else qstate[name][x_op.key]
+            scale, zp = _stacked(_slot_qparams, len(site.stack))(x_slot)
+            site_states[name] = ConvertedSite(weight=qw, input=StaticInput(scale, zp, reciprocal(scale)),
+                                              eval=eval_qparams)
         else:
-            site_states[name] = ConvertedSite(weight=qw)
+            site_states[name] = ConvertedSite(weight=qw, eval=eval_qparams)
 
     # 4. drop the float weight leaves that only fed converted sites.
     weights = args[argnum]

@@ -115,7 +115,11 @@ class QuantizeHandler:
                 if mode != "eval":
                     seen = [x] + ([invals[site.operand(shared_from[op.key]).index]] if op.key in shared_from else [])
                     state[op.key] = slots.observe(spec, layout, state[op.key], seen, set_learnable=mode == "calibrate")
-                qparams[op.key] = slots.slot_qparams(state[op.key])
+                    qparams[op.key] = slots.slot_qparams(state[op.key])
+                elif op.role == "weight":  # a weight's qparams need no calibration data
+                    qparams[op.key] = slots.slot_qparams(slots.filled_from_weight(spec, layout, state[op.key], x))
+                else:
+                    qparams[op.key] = slots.slot_qparams(state[op.key])
             if quantize:
                 lsq = spec.fake_quant == "lsq"
                 values[op.index] = slots.fake_quant(spec, layout, x, *qparams[op.key], lsq)

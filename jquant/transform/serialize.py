@@ -157,6 +157,11 @@ def _check_static(name: str, value: Any, where: str) -> Any:
 def _decode_quantized_weight(spec: Any, tensors: Mapping[str, np.ndarray], where: str, depth: int):
     if not isinstance(spec, dict):
         raise _BadFile(f"entry {where}: '__quantized_weight__' must hold an object, got {type(spec).__name__}")
+    spec = dict(spec)
+    for derived in ("axis", "group_size", "group_axis"):  # stored by files of jquant <= 0.1: derived from block_size
+        stored = spec.pop(derived, None)
+        if stored is not None and not isinstance(stored, int):
+            raise _BadFile(f"entry {where}.{derived}: must be an integer or null, got {stored!r}")
     unknown = sorted(set(spec) - set(_QW_FIELDS))
     if unknown:
         raise _BadFile(f"entry {where}: QuantizedWeight has no field(s) {unknown} (written by a newer jquant?)")
@@ -197,7 +202,7 @@ def _check_quantized_weight(fields: dict[str, Any], where: str) -> None:
     block = tuple(fields.get("block_size", ()))
     if len(block) != ndim or any(b < 1 or n % b for n, b in zip(shape, block, strict=False)):
         raise bad(f"block_size {block} does not divide shape {shape} dim by dim")
-    for name in ("axis", "group_axis", "packed_axis"):
+    for name in ("packed_axis",):
         axis = fields.get(name)
         if axis is not None and not -ndim <= axis < ndim:
             raise bad(f"{name} {axis} is out of range for shape {shape}")

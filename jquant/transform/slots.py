@@ -198,7 +198,7 @@ def unobserved(spec: QuantizationSpec, layout: Layout, slot: Slot) -> jax.Array:
     observer = observer_for(spec, layout)
     fresh = jax.tree_util.tree_leaves(observer.init(jnp.zeros(layout.view_shape, jnp.float32)))
     leaves = jax.tree_util.tree_leaves(slot.observer)
-    if not fresh:
+    if not fresh or not leaves:  # no observer state (or qparams given without one): nothing to fill in
         return jnp.zeros((), bool)
     stack = jnp.ndim(leaves[0]) - jnp.ndim(fresh[0])
     same = [
@@ -211,6 +211,8 @@ def unobserved(spec: QuantizationSpec, layout: Layout, slot: Slot) -> jax.Array:
 def filled_from_weight(spec: QuantizationSpec, layout: Layout, slot: Slot, w: jax.Array) -> Slot:
     """``slot``, or where its observer never ran, the slot observed on the weight ``w`` itself (a weight's
     qparams never depend on data, so ``int8_dynamic`` / weight-only presets work straight after ``init``)."""
+    if not jax.tree_util.tree_leaves(slot.observer):  # qparams given without an observer state
+        return slot
     empty = unobserved(spec, layout, slot)
     fresh = observe(spec, layout, slot, [w], set_learnable=True)
     return jax.tree_util.tree_map(lambda new, old: jnp.where(empty, new, old), fresh, slot)
