@@ -152,7 +152,8 @@ class QuantizedFunction:
         if mode == "eval" and not self._warned_unobserved and _is_concrete(qstate):
             try:
                 missing = unobserved_activations(qstate, plan)
-            except jax.errors.ConcretizationTypeError:  # inside someone's jit / grad trace: cannot tell here
+            except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                    jax.errors.TracerBoolConversionError):  # inside someone's jit / grad trace: cannot tell here
                 missing = []
             if missing:
                 self._warned_unobserved = True
