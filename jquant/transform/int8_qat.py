@@ -151,8 +151,8 @@ class Int8QATHandler(QuantizeHandler):
             return super().__call__(site, eqn, invals, state, scope)
         state = dict(state)
         for op, value in ((w_op, w), (x_op, x)):
-            layout = layout_of(site, op.key, op.spec)
-            state[op.key] = slots.observe(op.spec, layout, state[op.key], [value], set_learnable=False)
+            op_layout = layout_of(site, op.key, op.spec)
+            state[op.key] = slots.observe(op.spec, op_layout, state[op.key], [value], set_learnable=False)
         x_scale, x_zp = slots.slot_qparams(state[x_op.key])
         w_scale, _ = slots.slot_qparams(state[w_op.key])
         free_shape = [w.shape[a] for a in layout.w_free]
