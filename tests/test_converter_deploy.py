@@ -147,3 +147,19 @@ def test_torch_x86_model_converts_every_conv_and_dense_to_int8_kernels():
     step = float(qstate["Net/Dense_1/dot_general"]["output"].scale)
     np.testing.assert_allclose(int_fn(int_params, x), expected, atol=step * 1.001)
     assert int_fn(int_params, x[:3]).shape == (3, 10)
+
+
+def test_float_weights_left_float_are_listed_with_a_reason():
+    def embed_mlp(params, ids):
+        return mlp(params, params["emb"][ids])
+
+    params = {**_params(), "emb": jnp.asarray(RNG.standard_normal((50, 32)), jnp.float32)}
+    ids = jnp.asarray(RNG.integers(0, 50, (8,)), jnp.int32)
+    qf = jquant.quantize(embed_mlp, presets.int8_dynamic())
+    qstate = qf.init(params, ids)
+    int_fn, int_params = jquant.convert(qf, qstate, params, ids)
+    rows = {r.site: r for r in int_fn.report.sites}
+    assert rows["param emb"].kind == "float" and "gather" in rows["param emb"].reason
+    assert "param emb" in str(int_fn.report)
+    expected, _ = qf.apply(qstate, params, ids, mode="eval")
+    np.testing.assert_allclose(int_fn(int_params, ids), expected, atol=2e-3, rtol=1e-3)

@@ -562,6 +562,18 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         if w_op is not None:
             before = int(np.prod(captured[name]["w"].shape)) * np.dtype(w_op.dtype).itemsize
         rows.append(_site_report(site, plans.get(name), site_states[name], eqns.get(name), before))
+    # Float weight matrices that stay float are listed too, with the reason (nothing is left float silently).
+    site_paths = {op.param_path for site in sites.values() for op in site.operands if op.role == "weight"}
+    for (path, leaf), stored in zip(w_leaves, kept, strict=True):
+        name = path_to_name(path)
+        if stored is None or jnp.ndim(leaf) < 2:
+            continue
+        why = ("also read outside its quantized site (e.g. a tied embedding): kept float" if name in converted_paths
+               else "weight of a quantized site without an integer kernel" if name in site_paths
+               else "read by no quantized site (e.g. an embedding gather, or excluded): stays float")
+        nbytes = tree_nbytes(leaf)
+        rows.append(SiteReport(f"param {name}", "float", "float (kept)", str(jnp.result_type(leaf)), nbytes, nbytes,
+                               why))
     report = ConversionReport(
         float_bytes=tree_nbytes(weights),
         int_bytes=tree_nbytes(int_params),
