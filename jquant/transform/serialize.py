@@ -158,10 +158,12 @@ def _decode_quantized_weight(spec: Any, tensors: Mapping[str, np.ndarray], where
     if not isinstance(spec, dict):
         raise _BadFile(f"entry {where}: '__quantized_weight__' must hold an object, got {type(spec).__name__}")
     spec = dict(spec)
-    for derived in ("axis", "group_size", "group_axis"):  # stored by files of jquant <= 0.1: derived from block_size
-        stored = spec.pop(derived, None)
-        if stored is not None and not isinstance(stored, int):
-            raise _BadFile(f"entry {where}.{derived}: must be an integer or null, got {stored!r}")
+    derived = {}  # stored by files of jquant <= 0.1; now derived from block_size, still checked for range
+    for name in ("axis", "group_size", "group_axis"):
+        stored = spec.pop(name, None)
+        if stored is not None and (not isinstance(stored, int) or isinstance(stored, bool)):
+            raise _BadFile(f"entry {where}.{name}: must be an integer or null, got {stored!r}")
+        derived[name] = stored
     unknown = sorted(set(spec) - set(_QW_FIELDS))
     if unknown:
         raise _BadFile(f"entry {where}: QuantizedWeight has no field(s) {unknown} (written by a newer jquant?)")
@@ -178,7 +180,7 @@ def _decode_quantized_weight(spec: Any, tensors: Mapping[str, np.ndarray], where
             fields[name] = _decode(value, tensors, f"{where}.{name}", depth + 1)
         else:
             fields[name] = _check_static(name, value, f"{where}.{name}")
-    _check_quantized_weight(fields, where)
+    _check_quantized_weight({**fields, **derived}, where)
     try:
         return QuantizedWeight(**fields)
     except (TypeError, ValueError) as err:
@@ -202,7 +204,7 @@ def _check_quantized_weight(fields: dict[str, Any], where: str) -> None:
     block = tuple(fields.get("block_size", ()))
     if len(block) != ndim or any(b < 1 or n % b for n, b in zip(shape, block, strict=False)):
         raise bad(f"block_size {block} does not divide shape {shape} dim by dim")
-    for name in ("packed_axis",):
+    for name in ("axis", "group_axis", "packed_axis"):
         axis = fields.get(name)
         if axis is not None and not -ndim <= axis < ndim:
             raise bad(f"{name} {axis} is out of range for shape {shape}")
