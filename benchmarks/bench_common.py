@@ -10,6 +10,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import platform  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -17,9 +19,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time (ms) of each callable, measured round-robin so that load from other processes on a
-    shared machine hits every variant alike."""
+def cpu_name() -> str:
+    """The CPU model name (lscpu), for result tables."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def round_robin_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Wall times (ms) of each callable over ``reps`` rounds, measured round-robin so that load from other
+    processes on a shared machine hits every variant alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -28,8 +42,13 @@ def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time (ms) of each callable (``round_robin_ms``)."""
+    return {name: float(np.median(t)) for name, t in round_robin_ms(fns, reps, warmup).items()}
 
 
 def dense_params(rng, n_in: int, n_out: int) -> dict:

@@ -13,13 +13,11 @@ run it a few times and keep the table of a quiet run.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import dense_params, median_ms, mlp, mlp_params  # first: sets OMP_WAIT_POLICY
+from bench_common import cpu_name, dense_params, median_ms, mlp, mlp_params  # first: sets OMP_WAIT_POLICY
 from jax import lax
 
 import jquant
@@ -190,17 +188,6 @@ def run(reps_big: int, reps_small: int, batches, models) -> list[tuple]:
             )
         )
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -23,14 +23,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import mlp, mlp_params  # first: sets OMP_WAIT_POLICY
+from bench_common import cpu_name, mlp, mlp_params, round_robin_ms  # first: sets OMP_WAIT_POLICY
 from jax import lax
 
 import jquant
@@ -54,18 +51,9 @@ _LAST: dict = {}
 
 
 def median_ms(fns: dict, reps: int, warmup: int = 3) -> dict:
-    """Round-robin timing (as ``bench_common.median_ms``); returns medians and records minima in ``_LAST``."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    for name, t in times.items():
-        _LAST[name] = (float(np.median(t) * 1e3), float(np.min(t) * 1e3))
+    """Round-robin medians (``bench_common.round_robin_ms``); records (median, min) in ``_LAST``."""
+    for name, t in round_robin_ms(fns, reps, warmup).items():
+        _LAST[name] = (float(np.median(t)), float(np.min(t)))
     return {name: _LAST[name][0] for name in fns}
 
 
@@ -238,17 +226,6 @@ def decode_rows(rng, reps) -> list[tuple]:
                               ("torch dynamic int8 Linear (torch.ao)", "torch"): _torch_call(dyn, tx)}, reps))
         rows += _rows(f"weight-only decode 1x{k}x{n}", res)
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
