@@ -213,6 +213,7 @@ def filled_from_weight(spec: QuantizationSpec, layout: Layout, slot: Slot, w: ja
     qparams never depend on data, so ``int8_dynamic`` / weight-only presets work straight after ``init``)."""
     if not jax.tree_util.tree_leaves(slot.observer):  # qparams given without an observer state
         return slot
-    empty = unobserved(spec, layout, slot)
-    fresh = observe(spec, layout, slot, [w], set_learnable=True)
-    return jax.tree_util.tree_map(lambda new, old: jnp.where(empty, new, old), fresh, slot)
+    # A cond, not a select: calibrated slots (the usual case, on every eval call) skip the pass over the weight.
+    return jax.lax.cond(
+        unobserved(spec, layout, slot), lambda: observe(spec, layout, slot, [w], set_learnable=True), lambda: slot
+    )
