@@ -2,19 +2,29 @@
 
 torch is optional: it is imported lazily by the functions that need it (``pip install jquant[torch]``).
 
-* checkpoints: :func:`load_torch_checkpoint`, :func:`save_torch_checkpoint`, :class:`QuantizedTensor`;
+* checkpoints: :func:`load_torch_checkpoint`, :func:`save_torch_checkpoint`, :class:`QuantizedTensor`, and
+  :func:`state_dict_to_numpy` (a live torch state_dict as the dict a loaded file gives);
 * weights: :func:`torch_to_flax`, :func:`flax_to_torch`, :class:`Rule`, :class:`MappingReport`;
 * qparams: :func:`import_qparams`, :func:`export_qparams` (tables of :class:`QParamRecord`, or jquant
-  qstates through the link table of :func:`link_sites` / :func:`print_links`);
+  qstates through the link table of :func:`link_sites` / :func:`print_links`); :func:`validate_record` checks a
+  record built by hand; :func:`write_gpt_fast` writes gpt-fast's weight-only layout with its options
+  (``export_qparams(layout="gpt_fast")`` with the defaults);
 * the torch QAT qconfig matching jquant's int8 presets: :func:`torch_qat_qconfig`;
 * CLI: ``jquant-convert`` (:mod:`interop.cli`).
 """
 
-from interop.checkpoint import load_torch_checkpoint, save_torch_checkpoint
+from interop.checkpoint import load_torch_checkpoint, save_torch_checkpoint, state_dict_to_numpy
 from interop.errors import CheckpointError, InteropError, MappingError, UnsafeCheckpointError
 from interop.mapping import MappingEntry, MappingReport, Rule, flax_to_torch, torch_to_flax
 from interop.qimport import export_qparams, format_qparam_table, import_qparams
-from interop.qparams import QParamRecord, QParamTable, read_torch_qparams, write_torch_qparams
+from interop.qparams import (
+    QParamRecord,
+    QParamTable,
+    read_torch_qparams,
+    validate_record,
+    write_gpt_fast,
+    write_torch_qparams,
+)
 from interop.qsites import (
     SiteLink,
     format_links,
@@ -53,8 +63,11 @@ __all__ = [
     "read_torch_qparams",
     "save_torch_checkpoint",
     "spec_from_record",
+    "state_dict_to_numpy",
     "torch_qat_qconfig",
     "torch_to_flax",
     "unlinked_records",
+    "validate_record",
+    "write_gpt_fast",
     "write_torch_qparams",
 ]

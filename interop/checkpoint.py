@@ -6,6 +6,10 @@ index json (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``);
 those. Nested dicts (``{"state_dict": {...}}``) are flattened with ``.``. Converted eager quantized Linear
 modules store ``(weight, bias)`` in ``<m>._packed_params._packed_params``: it comes back as
 ``<m>.weight`` (QuantizedTensor) and ``<m>.bias``. torch.dtype / torch.qscheme values come back as names.
+``quint4x2`` tensors (4-bit embeddings) come back as uint4 records, one value per element; float-qparams
+per-channel tensors keep their float zero points. ``None`` entries hold no data and are left out (a quantized
+conv without bias stores ``<m>.bias = None``, an fp16 FX reference module ``<m>.weight_qscheme = None``): a file
+and the in-memory state_dict it was saved from (:func:`state_dict_to_numpy`) give the same dict.
 """
 
 from __future__ import annotations
@@ -217,7 +221,9 @@ def _flatten(
         _put(out, origins, f"{module}{dot}weight", weight, where + "[0]", path)
         if bias is not None:
             _put(out, origins, f"{module}{dot}bias", bias, where + "[1]", path)
-    elif obj is None or isinstance(obj, list | tuple):
+    elif obj is None:
+        return  # no data: a bias-less quantized conv's bias, an fp16 reference module's weight_qscheme
+    elif isinstance(obj, list | tuple):
         raise CheckpointError(
             f"{path}: entry {prefix!r} is {type(obj).__name__}, not a tensor; pass a state_dict of tensors"
         )
