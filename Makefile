@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/transform_overhead.py
 	$(PY) benchmarks/native_kernels.py
+	$(PY) benchmarks/llm_decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info jquant/kernels/csrc/build
