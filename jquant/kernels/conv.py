@@ -25,6 +25,7 @@ from jax import lax
 
 from jquant.kernels import native, packing
 from jquant.kernels.activation import dynamic_qparams, quantize_activation
+from jquant.kernels.epilogue import Epilogue
 from jquant.kernels.matmul import int8_matmul
 from jquant.kernels.weights import QuantizedWeight, pack_weight
 from jquant.numerics.granularity import qparam_shape
@@ -96,7 +97,7 @@ def _patches(xp: jnp.ndarray, window, strides, rhs_dilation) -> jnp.ndarray:
 
 
 def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
-                  dimension_numbers, feature_group_count, impl, bias_q, pad_batch_one):
+                  dimension_numbers, feature_group_count, impl, bias_q, pad_batch_one, epilogue: Epilogue):
     dn = _dimension_numbers(xq.ndim, dimension_numbers)
     nsp = xq.ndim - 2
     strides = tuple(window_strides) if window_strides is not None else (1,) * nsp
@@ -116,8 +117,11 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
     k_size = int(np.prod(k_sf.shape[:-1]))
     if (impl == "auto" and feature_group_count <= NATIVE_MAX_GROUPS
             and native.use_native_gemm(math.prod(xp.shape[:-1]))):
+        fused = epilogue if epilogue.native_out else epilogue._replace(out_scale=None)
         y = _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, feature_group_count,
-                         bias_q, dn)
+                         bias_q, dn, fused)
+        if not epilogue.native_out:  # e.g. an int4 output: requantize in XLA
+            y = epilogue._replace(bias=None, relu=False).apply(y)
         inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
         return y, inverse, out_axis
     if impl == "auto":
@@ -149,18 +153,22 @@ def _integer_conv(xq, x_zp, x_scale, w, *, window_strides, padding, lhs_dilation
         acc = acc - x_zp * sums  # exact zero-point correction (padding carries the zero point)
     if bias_q is not None:
         acc = acc + bias_q
-    y = acc.astype(jnp.float32) * (x_scale * w_scale)
+    y = epilogue.apply(acc.astype(jnp.float32) * (x_scale * w_scale))
     inverse = np.argsort((dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
     return y, inverse, out_axis
 
 
-def _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, groups, bias_q, dn):
-    """im2col + the native GEMM per group, epilogue fused: float32 ``(N, out_spatial..., out)``."""
+def _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilation, groups, bias_q, dn,
+                 epilogue: Epilogue | None = None):
+    """im2col + the native GEMM per group, epilogue fused: float32 ``(N, out_spatial..., out)``, or the output
+    requantized to uint8 / int8 when ``epilogue`` asks for it (bias, ReLU and requantize in the GEMM)."""
     c_in, c_out = xp.shape[-1], k_sf.shape[-1]
     cg, og = c_in // groups, c_out // groups
     prepacked = (groups == 1 and w.kernel_layout == "s8_k4" and w.w_sums is not None
                  and w.sum_axes == (*dn.rhs_spec[2:], dn.rhs_spec[1]))
     col_scale = x_scale * w_scale
+    ep = epilogue or Epilogue()
+    out_kw = ep.native_kwargs()
     outs = []
     for g in range(groups):
         xg = xp if groups == 1 else xp[..., g * cg:(g + 1) * cg]
@@ -170,10 +178,12 @@ def _native_conv(xp, x_zp, x_scale, w, k_sf, w_scale, window, strides, rhs_dilat
         else:
             kg = k_sf[..., g * og:(g + 1) * og].reshape(-1, og)
             packed, colsum = packing.pack_s8_k4(kg), jnp.sum(kg.astype(jnp.int32), axis=0)
+        part = slice(g * og, (g + 1) * og)
         # Padding carries the zero point, so the kernel's zero-point correction is exact.
-        outs.append(native.gemm_s8(patches, packed, colsum, n=og, out="float32", a_zero_point=x_zp,
-                                   col_offset=None if bias_q is None else bias_q[g * og:(g + 1) * og],
-                                   col_scale=col_scale[g * og:(g + 1) * og]))
+        outs.append(native.gemm_s8(patches, packed, colsum, n=og, a_zero_point=x_zp,
+                                   col_offset=None if bias_q is None else bias_q[part],
+                                   col_scale=col_scale[part], bias=None if ep.bias is None else ep.bias[part],
+                                   relu=ep.relu, **out_kw))
     return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
 
 
@@ -195,13 +205,22 @@ def int8_conv(
     act_inv_scale: Any = None,
     bias: Any = None,
     bias_int32: bool = True,
+    relu: bool = False,
+    out_scale: Any = None,
+    out_zero_point: Any = 0,
+    out_dtype: Any = "uint8",
+    out_quant_min: int | None = None,
+    out_quant_max: int | None = None,
     impl: str = "auto",
     pad_batch_one: bool | None = None,
 ) -> jnp.ndarray:
-    """Static W8A8 ``lax.conv_general_dilated(x, w_float, ...)`` with int32 accumulation; returns float32.
+    """Static W8A8 ``lax.conv_general_dilated(x, w_float, ...)`` with int32 accumulation.
 
-    Positional arguments follow ``lax.conv_general_dilated``. ``bias`` has one value per output feature and is
-    added in int32 with the derived scale ``act_scale * w_scale`` when ``bias_int32``.
+    Positional arguments follow ``lax.conv_general_dilated``. ``x`` is float, or integers already quantized with
+    the activation qparams. ``bias`` has one value per output feature and is added in int32 with the derived scale
+    ``act_scale * w_scale`` when ``bias_int32``, else in float after the rescale. Returns float32, or (``out_scale``
+    given) the output requantized as ``out_dtype`` after an optional ``relu`` (torch's quantized conv / ConvReLU:
+    the epilogue is fused into the native GEMM).
     """
     x_scale = jnp.asarray(act_scale, jnp.float32)
     if x_scale.size != 1:
@@ -209,8 +228,10 @@ def int8_conv(
     x_scale = x_scale.reshape(())
     xq, x_zp = quantize_activation(x, x_scale, jnp.asarray(act_zero_point).reshape(()), dtype=act_dtype,
                                    quant_min=act_quant_min, quant_max=act_quant_max, inv_scale=act_inv_scale)
+    epilogue = Epilogue(relu=relu, out_scale=out_scale, out_zero_point=out_zero_point, out_dtype=out_dtype,
+                        out_quant_min=out_quant_min, out_quant_max=out_quant_max)
     return _finish(xq, x_zp, x_scale, w, bias, bias_int32, window_strides, padding, lhs_dilation, rhs_dilation,
-                   dimension_numbers, feature_group_count, impl, pad_batch_one)
+                   dimension_numbers, feature_group_count, impl, pad_batch_one, epilogue)
 
 
 def dynamic_int8_conv(
@@ -235,11 +256,11 @@ def dynamic_int8_conv(
     x_scale, x_zp = x_scale.reshape(()), x_zp.reshape(())
     xq, x_zp = quantize_activation(x, x_scale, x_zp, dtype=dtype)
     return _finish(xq, x_zp, x_scale, w, bias, False, window_strides, padding, lhs_dilation, rhs_dilation,
-                   dimension_numbers, feature_group_count, impl, pad_batch_one)
+                   dimension_numbers, feature_group_count, impl, pad_batch_one, Epilogue())
 
 
 def _finish(xq, x_zp, x_scale, w, bias, bias_int32, window_strides, padding, lhs_dilation, rhs_dilation,
-            dimension_numbers, feature_group_count, impl, pad_batch_one):
+            dimension_numbers, feature_group_count, impl, pad_batch_one, epilogue: Epilogue):
     if len(w.shape) != xq.ndim:
         raise ValueError(f"w: kernel rank {len(w.shape)} does not match the input rank {xq.ndim}")
     dn = _dimension_numbers(xq.ndim, dimension_numbers)
@@ -254,8 +275,6 @@ def _finish(xq, x_zp, x_scale, w, bias, bias_int32, window_strides, padding, lhs
     y, inverse, _ = _integer_conv(
         xq, x_zp, x_scale, w, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        impl=impl, bias_q=bias_q, pad_batch_one=pad_batch_one,
+        impl=impl, bias_q=bias_q, pad_batch_one=pad_batch_one, epilogue=epilogue._replace(bias=bias_f),
     )
-    if bias_f is not None:
-        y = y + bias_f
     return jnp.transpose(y, tuple(inverse))

@@ -25,12 +25,12 @@ from jax import lax
 
 from jquant.kernels import native, packing
 from jquant.kernels.activation import dynamic_qparams, quantize_activation
+from jquant.kernels.epilogue import Epilogue
 from jquant.kernels.matmul import int8_grouped_matmul, zero_point_corrected
 from jquant.kernels.weights import QuantizedWeight, canonical_groups, canonical_matrix
-from jquant.numerics.affine import reciprocal, round_to_grid
 from jquant.numerics.granularity import qparam_shape
-from jquant.numerics.qtypes import qrange, storage_dtype
 
+FLOAT_OUTPUT = Epilogue()
 WEIGHT_ONLY_IMPLS = ("auto", "native", "dynamic", "dequantize")
 
 
@@ -123,13 +123,6 @@ def _integer_dot(xq, x_zp, x_scale, cw: CanonicalWeight, pad_batch_one, bias_q=N
     return jnp.sum(acc.astype(jnp.float32) * cw.scale[:, None, :], axis=0) * x_scale
 
 
-def _requantize(y, out_scale, out_zero_point, out_dtype, quant_min, quant_max):
-    qmin, qmax = qrange(out_dtype, quant_min, quant_max)
-    zp = jnp.asarray(out_zero_point, jnp.int32)
-    q = round_to_grid(y, reciprocal(jnp.asarray(out_scale, jnp.float32)), zp)
-    return jnp.clip(q, qmin, qmax).astype(storage_dtype(out_dtype))
-
-
 def _bias_for_output(bias, layout: DotLayout, w: QuantizedWeight) -> jnp.ndarray:
     if layout.weight_side != "rhs":
         raise ValueError("bias: only supported with weight_side='rhs' (bias along the last output dims)")
@@ -149,22 +142,16 @@ def _native_int8_operand(w: QuantizedWeight, cw: CanonicalWeight, layout: DotLay
     return packing.pack_s8_k4(cw.q), sums
 
 
-def _native_int8_dot(xq2, x_zp, packed, colsum, *, n, row_scale, col_scale, bias_q=None, bias_f=None, relu=False,
-                     out_scale=None, out_zero_point=0, out_dtype="uint8", out_quant_min=None, out_quant_max=None):
+def _native_int8_dot(xq2, x_zp, packed, colsum, *, n, row_scale, col_scale, bias_q=None,
+                     epilogue: Epilogue = FLOAT_OUTPUT):
     """The native GEMM of int8 (shifted) activations ``xq2 (M, K)`` with the whole epilogue; ``x_zp`` per tensor
     or per row."""
-    kw = dict(n=n, a_zero_point=x_zp, col_offset=bias_q, row_scale=row_scale, col_scale=col_scale, bias=bias_f,
-              relu=relu)
-    if out_scale is None:
-        return native.gemm_s8(xq2, packed, colsum, out="float32", **kw)
-    storage = jnp.dtype(storage_dtype(out_dtype))
-    qmin, qmax = qrange(out_dtype, out_quant_min, out_quant_max)
-    if storage not in (jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)):  # e.g. int4 outputs: requantize in XLA
-        y = native.gemm_s8(xq2, packed, colsum, out="float32", **kw)
-        return _requantize(y, out_scale, out_zero_point, out_dtype, out_quant_min, out_quant_max)
-    return native.gemm_s8(xq2, packed, colsum, out=str(storage), qmin=qmin, qmax=qmax,
-                          out_inv_scale=reciprocal(jnp.asarray(out_scale, jnp.float32)).reshape(()),
-                          out_zero_point=out_zero_point, **kw)
+    fused = epilogue if epilogue.native_out else epilogue._replace(out_scale=None)
+    y = native.gemm_s8(xq2, packed, colsum, n=n, a_zero_point=x_zp, col_offset=bias_q, row_scale=row_scale,
+                       col_scale=col_scale, bias=fused.bias, relu=fused.relu, **fused.native_kwargs())
+    if not epilogue.native_out:  # e.g. int4 outputs: requantize in XLA
+        y = epilogue._replace(bias=None, relu=False).apply(y)
+    return y
 
 
 def int8_dot_general(
@@ -215,22 +202,15 @@ def int8_dot_general(
             derived = x_scale * cw.scale[0]
             bias_q = jnp.round(bias_f / derived).astype(jnp.int32)
             bias_f = None
+    epilogue = Epilogue(bias=bias_f, relu=relu, out_scale=out_scale, out_zero_point=out_zero_point,
+                        out_dtype=out_dtype, out_quant_min=out_quant_min, out_quant_max=out_quant_max)
     if _native_w8a8_ok(w, cw, math.prod(x.shape[a] for a in layout.x_free)):
         packed, colsum = _native_int8_operand(w, cw, layout)
         y = _native_int8_dot(layout.x_matrix(xq), x_zp, packed, colsum, n=cw.q.shape[1], row_scale=None,
-                             col_scale=x_scale * cw.scale[0], bias_q=bias_q, bias_f=bias_f, relu=relu,
-                             out_scale=out_scale, out_zero_point=out_zero_point, out_dtype=out_dtype,
-                             out_quant_min=out_quant_min, out_quant_max=out_quant_max)
+                             col_scale=x_scale * cw.scale[0], bias_q=bias_q, epilogue=epilogue)
         return layout.output(y, x.shape, w.shape)
-    y = _integer_dot(layout.x_matrix(xq), x_zp, x_scale, cw, pad_batch_one, bias_q)
-    if bias_f is not None:
-        y = y + bias_f
-    if relu:
-        y = jnp.maximum(y, 0.0)
-    y = layout.output(y, x.shape, w.shape)
-    if out_scale is not None:
-        return _requantize(y, out_scale, out_zero_point, out_dtype, out_quant_min, out_quant_max)
-    return y
+    y = epilogue.apply(_integer_dot(layout.x_matrix(xq), x_zp, x_scale, cw, pad_batch_one, bias_q))
+    return layout.output(y, x.shape, w.shape)
 
 
 def dynamic_int8_dot_general(

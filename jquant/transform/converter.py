@@ -28,6 +28,7 @@ first). Rows holding NaN give NaN rows, as in ``eval`` (the integer kernels woul
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -43,9 +44,10 @@ from jquant.kernels.weights import QuantizedWeight, canonical_matrix, pack_weigh
 from jquant.numerics.affine import reciprocal
 from jquant.numerics.qschemes import is_symmetric
 from jquant.text_table import format_table
-from jquant.transform import slots
+from jquant.transform import int_domain, slots
 from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of, stateful
+from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.sites import Site, View, path_to_name
 from jquant.transform.specs import QuantizationSpec, SharedQuantizationSpec
@@ -159,7 +161,8 @@ def plan_site(site: Site, eqn) -> SitePlan | None:
             return None
         layout = "conv"
     kind, why = _activation_kind(x_op.spec) if x_op is not None else (None, "no single activation input")
-    if site.output_spec is not None and not site.fused:
+    if site.output_spec is not None and not site.fused and not (kind == "static"
+                                                                and int_domain.integer_spec(site.output_spec)):
         kind, why = None, "output quantization (runs as fake quant)"
     elif layout == "conv" and kind == "weight_only":
         kind, why = None, "weight-only conv (dequantized weight, float conv)"
@@ -270,48 +273,114 @@ def _nan_rows(y: jnp.ndarray, x2: jnp.ndarray) -> jnp.ndarray:
 
 
 class IntHandler:
-    """Interpreter site hook running converted sites with integer kernels (others as ``mode="eval"``)."""
+    """Interpreter site hook running converted sites with integer kernels (others as ``mode="eval"``).
+
+    Values quantized at a site or view also travel as integers (``int_domain.Shadows``, fresh per traced call):
+    a static site reads its input's integers when they were quantized with its own input qparams, and
+    value-preserving views (max-pool, reshape, concatenate, ...) run on integers.
+    """
 
     def __init__(self, plans: dict[str, SitePlan], weight_only_impl: str = "auto", conv_impl: str = "auto",
-                 pad_batch_one: bool | None = None):
+                 pad_batch_one: bool | None = None, integer_domain: bool = True):
         self.plans = plans
         self.weight_only_impl = weight_only_impl
         self.conv_impl = conv_impl
         self.pad = pad_batch_one
+        self.integer_domain = integer_domain
         self.eval = QuantizeHandler("eval")
+        self.shadows = Shadows()
+
+    def for_call(self) -> IntHandler:
+        """A copy with an empty integer-value table, for one trace of the converted function."""
+        fresh = copy.copy(self)
+        fresh.shadows = Shadows()
+        return fresh
 
     def __call__(self, site: Site | View, eqn, invals: list, state: ConvertedSite, scope):
+        if isinstance(site, View):
+            return self._view(site, eqn, invals, state, scope), state
         plan = self.plans.get(site.name) if isinstance(site, Site) else None
         if plan is None or plan.kind == "dequantize":
-            # Fake quant with the stored qparams: views (a fused ReLU's output, a shared max-pool), sites without
-            # an integer kernel, and sites whose weight is dequantized on the fly.
-            eval_scope = _EvalScope(scope)
+            # Fake quant with the stored qparams: sites without an integer kernel (a quantized add: its inputs
+            # are dequantized integers, XLA fuses the whole add into one pass over 8-bit buffers) and sites whose
+            # weight is dequantized on the fly.
             values = list(invals)
             if plan is not None:
                 values[plan.weight_index] = _original_layout_weight(state.weight, plan, site, eqn)
-            outs, _ = self.eval(site, eqn, values, _eval_slots(state.eval), eval_scope)
+            outs, _ = self.eval(site, eqn, values, _eval_slots(state.eval), _EvalScope(scope))
+            if self._own_output(site):
+                qp = state.eval["output"]
+                ref = int_domain.reference(site.name, "output", site.output_spec)
+                outs[0] = self.shadows.set(eqn.outvars[0], int_domain.quantize_value(outs[0], *qp, ref))
             return outs, state
         x = invals[plan.input_index]
         x_spec = activation_spec(site.operands[plan.input_index].spec)
+        if plan.kind == "static" and self.integer_domain:
+            given = self.shadows.get(eqn.invars[plan.input_index], input_reference(site, plan))
+            if given is not None:
+                x = given.q  # already quantized with this site's input qparams: no float round trip
+        out = None
+        if plan.kind == "static" and self._own_output(site):
+            qp = state.eval["output"]
+            out = int_domain.reference(site.name, "output", site.output_spec), qp
         if plan.layout == "conv":
-            y = self._conv(site, eqn, plan, x, state, x_spec)
+            y = self._conv(site, eqn, plan, x, state, x_spec, out)
         else:
-            y = self._dot(site, eqn, plan, x, state, x_spec)
+            y = self._dot(site, eqn, plan, x, state, x_spec, out)
+        if out is not None:
+            ref, (scale, zero_point) = out
+            y = self.shadows.set(eqn.outvars[0], QValue(y, scale, zero_point, ref))
         return [y], state
 
-    def _dot(self, site, eqn, plan, x, state: ConvertedSite, x_spec):
+    def _own_output(self, site: Site) -> bool:
+        """Whether the site quantizes its own output (not at a fused tail) with integer-capable qparams."""
+        return self.integer_domain and not site.fused and int_domain.integer_spec(site.output_spec)
+
+    def _view(self, view: View, eqn, invals: list, state: ConvertedSite, scope) -> list:
+        """A view of a site's slot: integers in, integers out for value-preserving ops; else eval's fake quant
+        (a fused ReLU tail, a bias add), whose quantized output is recorded as integers."""
+        if not (self.integer_domain and int_domain.integer_spec(view.spec) and view.output):
+            outs, _ = self.eval(view, eqn, invals, _eval_slots(state.eval), _EvalScope(scope))
+            return outs
+        scale, zero_point = state.eval[view.key]
+        ref = int_domain.reference(view.name, view.key, view.spec)
+        if eqn.primitive.name in int_domain.INTEGER_OPS:
+            ints = []
+            for i, (var, x) in enumerate(zip(eqn.invars, invals, strict=True)):
+                given = (int_domain.quantize_value(x, scale, zero_point, ref) if i in view.inputs
+                         else self.shadows.get(var, ref))
+                if given is None:
+                    break
+                ints.append(given.q)
+            else:
+                q = bind_eqn(eqn, ints)[0]
+                return [self.shadows.set(eqn.outvars[0], QValue(q, given.scale, given.zero_point, ref))]
+        outs, _ = self.eval(view, eqn, invals, _eval_slots(state.eval), _EvalScope(scope))
+        outs[0] = self.shadows.set(eqn.outvars[0], int_domain.quantize_value(outs[0], scale, zero_point, ref))
+        return outs
+
+    def _out_kwargs(self, out) -> dict:
+        if out is None:
+            return {}
+        ref, (scale, zero_point) = out
+        return dict(out_scale=scale, out_zero_point=zero_point, out_dtype=ref.dtype, out_quant_min=ref.quant_min,
+                    out_quant_max=ref.quant_max)
+
+    def _dot(self, site, eqn, plan, x, state: ConvertedSite, x_spec, out=None):
         qw = state.weight
         side = "rhs" if plan.weight_index == 1 else "lhs"
         w_shape = site.operands[plan.weight_index].shape
         layout = DotLayout.of(x.ndim, len(w_shape), eqn.params["dimension_numbers"], side)
         x2 = layout.x_matrix(x)
+        is_float = jnp.issubdtype(x2.dtype, jnp.floating)
         if plan.kind == "static":
             act = state.input
             y2 = int8_dot_general(x2, qw, DENSE, act_scale=act.scale, act_zero_point=act.zero_point,
                                   act_inv_scale=act.inv_scale, act_dtype=x_spec.dtype,
                                   act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max,
-                                  pad_batch_one=self.pad)
-            y2 = _nan_rows(y2, x2)
+                                  pad_batch_one=self.pad, **self._out_kwargs(out))
+            if is_float and out is None:
+                y2 = _nan_rows(y2, x2)
         elif plan.kind == "dynamic":
             y2 = dynamic_int8_dot_general(x2, qw, DENSE, per_token=False, symmetric=is_symmetric(x_spec.qscheme),
                                           act_dtype=x_spec.dtype, pad_batch_one=self.pad)
@@ -320,7 +389,7 @@ class IntHandler:
             y2 = weight_only_dot_general(x2, qw, DENSE, impl=self.weight_only_impl, pad_batch_one=self.pad)
         return layout.output(y2, x.shape, w_shape)
 
-    def _conv(self, site, eqn, plan, x, state: ConvertedSite, x_spec):
+    def _conv(self, site, eqn, plan, x, state: ConvertedSite, x_spec, out=None):
         p = eqn.params
         qw = state.weight
         args = (x, qw, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
@@ -330,9 +399,18 @@ class IntHandler:
             return int8_conv(*args, act_scale=act.scale, act_zero_point=act.zero_point,
                              act_inv_scale=act.inv_scale, act_dtype=x_spec.dtype,
                              act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max, impl=self.conv_impl,
-                             pad_batch_one=self.pad)
+                             pad_batch_one=self.pad, **self._out_kwargs(out))
         return dynamic_int8_conv(*args, symmetric=is_symmetric(x_spec.qscheme), act_dtype=x_spec.dtype,
                                  impl=self.conv_impl, pad_batch_one=self.pad)
+
+
+def input_reference(site: Site, plan: SitePlan) -> QParamsRef:
+    """The slot whose qparams quantize a static site's activation input (a shared spec names another site's)."""
+    x_op = site.operands[plan.input_index]
+    spec = activation_spec(x_op.spec)
+    if isinstance(x_op.spec, SharedQuantizationSpec) and x_op.spec.site is not None:
+        return int_domain.reference(x_op.spec.site, x_op.spec.target, spec)
+    return int_domain.reference(site.name, x_op.key, spec)
 
 
 class _EvalScope(Mapping):
@@ -541,7 +619,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
                 f"(new: {sorted(names - converted_names)}, missing: {sorted(converted_names - names)}); "
                 "convert again with example inputs of this structure"
             )
-        outs, _ = interpret(call_plan, handler, sites_state, *jax.tree_util.tree_leaves(full))
+        outs, _ = interpret(call_plan, handler.for_call(), sites_state, *jax.tree_util.tree_leaves(full))
         return jax.tree_util.tree_unflatten(call_plan.out_tree, outs)
 
     def int_fn(int_params, *rest):
