@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jquant.numerics.qparams import choose_qparams
@@ -54,13 +55,47 @@ def merge_minmax(state: MinMaxState, axis_names: Any) -> MinMaxState:
     return MinMaxState(lax.pmin(state.min_val, axis_names), lax.pmax(state.max_val, axis_names))
 
 
-def finite_aminmax(x: jnp.ndarray, axis: int | tuple[int, ...] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Min and max over the finite entries of ``x`` (float32); ``(+inf, -inf)`` where there are none."""
-    x = jnp.asarray(x, jnp.float32)
+def _masked_aminmax(x: jnp.ndarray, axis) -> tuple[jnp.ndarray, jnp.ndarray]:
     finite = jnp.isfinite(x)
     lo = jnp.min(x, axis=axis, initial=jnp.inf, where=finite)
     hi = jnp.max(x, axis=axis, initial=-jnp.inf, where=finite)
     return lo, hi
+
+
+def _minmax_finite_rows(x: jnp.ndarray, axes: tuple[int, ...]):
+    """Min, max and "all finite" of ``x`` over trailing ``axes`` in ONE pass (a variadic reduce, which XLA:CPU
+    fuses with the op producing ``x``)."""
+
+    def combine(a, b):
+        return lax.min(a[0], b[0]), lax.max(a[1], b[1]), lax.bitwise_and(a[2], b[2])
+
+    init = (np.float32(np.inf), np.float32(-np.inf), np.bool_(True))
+    lo, hi, finite = lax.reduce((x, x, jnp.isfinite(x)), init, combine, axes)
+    return lo, hi, jnp.all(finite)
+
+
+def finite_aminmax(x: jnp.ndarray, axis: int | tuple[int, ...] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Min and max over the finite entries of ``x`` (float32); ``(+inf, -inf)`` where there are none.
+
+    Fast path when every entry is finite (the plain min and max are then the answer, bit for bit):
+    - reducing trailing axes (per tensor, or per channel on a leading axis): one fused variadic reduce computing
+      min, max and "all finite" together;
+    - otherwise (e.g. per output channel of a ``(in, out)`` kernel, a column reduction, which XLA:CPU's own loop
+      emitter runs ~10x slower): its YNNPACK min and max, guarded by a finite sum (a NaN or inf makes the sum
+      NaN / inf). The plain min / max cannot be the guard: those kernels do not propagate NaN and may drop finite
+      values next to one.
+    Only when that check fails (or the sum overflows) the masked reductions run, which first write a filtered
+    copy of ``x`` for each of min and max (two more passes over every observed tensor on every QAT step).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if x.size == 0:
+        return _masked_aminmax(x, axis)
+    axes = tuple(range(x.ndim)) if axis is None else tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
+    if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+        lo, hi, all_finite = _minmax_finite_rows(x, axes)
+    else:
+        lo, hi, all_finite = jnp.min(x, axis=axes), jnp.max(x, axis=axes), jnp.isfinite(jnp.sum(x))
+    return lax.cond(all_finite, lambda v: (lo, hi), lambda v: _masked_aminmax(v, axes), x)
 
 
 def channel_reduce_axes(ndim: int, ch_axis: int) -> tuple[int, ...]:
