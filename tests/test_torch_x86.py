@@ -5,6 +5,9 @@ Flax linen, Flax nnx and plain jax.numpy with the same weights, calibrated on th
 torch's range and qparams, and ``mode="eval"`` equals torch's reference model.
 """
 
+import contextlib
+import copy
+import re
 import warnings
 
 import flax.linen as nn
@@ -286,3 +289,93 @@ def test_torch_x86_qat_mirrors_the_default_qat_mapping():
         got = [float(slot.observer.min_val), float(slot.observer.max_val)]
         np.testing.assert_allclose(got, [obs.min_val.item(), obs.max_val.item()], rtol=2e-2, atol=2e-2,
                                    err_msg=name)
+
+
+# -- the converted integer function against torch's convert_fx (x86) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fx_int8(oracle):
+    """torch's integer model (``convert_fx``, x86 backend) calibrated on the oracle batch, and its output on the
+    oracle batch plus 64 new inputs (some outside the calibrated ranges: clamped alike on both sides)."""
+    model, x_t, *_ = oracle
+    torch.manual_seed(5)
+    fresh = torch.randn(64, 3, 8, 8) * 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_fx.prepare_fx(copy.deepcopy(model), torch.ao.quantization.get_default_qconfig_mapping(
+            "x86"), (x_t,))
+        prepared(x_t)
+        quantized = quantize_fx.convert_fx(prepared)
+        return {"calibration": (x_t, _np(quantized(x_t))), "fresh": (fresh, _np(quantized(fresh)))}
+
+
+@pytest.mark.parametrize("variant", ["linen", "nnx", "jnp"])
+@pytest.mark.parametrize("batch", ["calibration", "fresh"])
+def test_torch_x86_convert_matches_convert_fx(fx_int8, calibrated, variant, batch):
+    qf, qstate, params, x_cal = calibrated(variant)
+    int_fn, int_params = jquant.convert(qf, qstate, params, x_cal)
+    x_t, expected = fx_int8[batch]
+    got = np.asarray(int_fn(int_params, jnp.asarray(_np(x_t).transpose(0, 2, 3, 1))))
+    step = float(_slot(qf, qstate, "dot_general", 0, "output").scale)
+    error = np.abs(got - expected)
+    # Both sides requantize every op's output to uint8; float rounding of the rescale can move a value by one
+    # step at a tie, which the next ops may carry: at most one output step on >= 99.9% of the elements.
+    assert (error <= step * 1.001).mean() >= 0.999, (error.max() / step, (error > step * 1.001).mean())
+    assert error.max() <= 3 * step * 1.001
+
+
+def _hlo_ops(compiled_text: str, opcode: str, shape: str) -> list[str]:
+    """Element types of every ``opcode`` instruction with result ``shape`` of a compiled HLO module (fused
+    computations included)."""
+    return re.findall(rf"= (\w+)\[{shape}\](?:\{{[^}}]*\}})? {opcode}\(", compiled_text)
+
+
+def test_converted_program_keeps_8bit_values_between_quantized_ops(calibrated):
+    """convert_fx's graph keeps activations quint8 between quantized ops: so does the compiled int function.
+    The concatenate and the max-pool (shared observers) run on 8-bit integers; in eval mode they are float32."""
+    qf, qstate, params, x = calibrated("linen")
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
+    compiled = jax.jit(int_fn).lower(int_params, x).compile().as_text()
+    pool, cat = "4,4,4,12", "4,8,8,12"  # the max-pool's output and the residual branch's cat (NHWC)
+    assert _hlo_ops(compiled, "reduce-window", pool) == ["u8"]
+    assert _hlo_ops(compiled, "concatenate", cat) in ([], ["u8"])  # XLA may fuse the cat into its consumer
+    assert "u8[4,8,8,12]" in compiled  # ... then the fusion computing it writes uint8
+    eval_hlo = jax.jit(lambda s, p, x: qf.apply(s, p, x, mode="eval")[0]).lower(qstate, params, x).compile()
+    assert _hlo_ops(eval_hlo.as_text(), "reduce-window", pool) == ["f32"]
+
+
+def _mlp(p, x):
+    h = jax.nn.relu(x @ p["w0"] + p["b0"])
+    h = jax.nn.relu(h @ p["w1"] + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+
+@pytest.mark.parametrize("kernels", ["default", "xla"])
+@pytest.mark.parametrize("rows", [8, 256])
+def test_fused_linear_relu_requantizes_in_one_kernel_call(kernels, rows):
+    """Linear + bias + ReLU (LinearReLU) is one site: the converted function runs the bias, the ReLU and the
+    requantization to the next layer's uint8 in the kernel's epilogue, and reads that uint8 directly."""
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), jnp.float32)
+              for i, s in enumerate([(32, 64), (64, 48), (48, 10)])}
+    params.update({f"b{i}": jnp.asarray(rng.standard_normal(n) * 0.1, jnp.float32) for i, n in enumerate([64, 48, 10])})
+    x = jnp.asarray(rng.standard_normal((rows, 32)), jnp.float32)
+    qf = jquant.quantize(_mlp, jquant.presets.torch_x86())
+    qstate = qf.init(params, x)
+    _, qstate = qf.apply(qstate, params, x, mode="calibrate")
+    context = jquant.kernels.native.xla_kernels() if kernels == "xla" else contextlib.nullcontext()
+    with context:
+        int_fn, int_params = jquant.convert(qf, qstate, params, x)
+        got = np.asarray(int_fn(int_params, x))
+        compiled = jax.jit(int_fn).lower(int_params, x).compile().as_text()
+    want = np.asarray(qf.apply(qstate, params, x, mode="eval")[0])
+    step = float(qstate[qf.sites[-1].name]["output"].scale)
+    error = np.abs(got - want)
+    assert (error <= 1e-5).mean() >= 0.99 and error.max() <= step * 1.001, error.max() / step
+    # The hidden activations exist as 8-bit integers (XLA: the epilogue fusion after the int32 dot writes them;
+    # where the native GEMM runs, it writes them itself).
+    for hidden in (f"{rows},64", f"{rows},48"):
+        assert re.search(rf"[us]8\[{hidden}\]", compiled), hidden
+        if jquant.kernels.native.use_native_gemm(rows) and kernels == "default":
+            assert _hlo_ops(compiled, "custom-call", hidden) == ["u8"], hidden

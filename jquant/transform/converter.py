@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal
 
 from jquant.kernels.conv import dynamic_int8_conv, int8_conv, pack_conv_weight
 from jquant.kernels.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
@@ -49,6 +50,7 @@ from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of, stateful
 from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
+from jquant.transform.patterns import is_relu
 from jquant.transform.sites import Site, View, path_to_name
 from jquant.transform.specs import QuantizationSpec, SharedQuantizationSpec
 from jquant.transform.state import unobserved_activations, validate_qstate
@@ -289,14 +291,25 @@ class IntHandler:
         self.integer_domain = integer_domain
         self.eval = QuantizeHandler("eval")
         self.shadows = Shadows()
+        self.pending: dict = {}  # anchor / bias-add output var -> Pending (fused patterns awaiting their tail)
+        self.producers: dict = {}
 
-    def for_call(self) -> IntHandler:
-        """A copy with an empty integer-value table, for one trace of the converted function."""
+    def for_call(self, plan) -> tuple[IntHandler, Any]:
+        """A copy with empty integer-value tables for one trace of the converted function, and the plan it runs:
+        ``plan`` plus the inner equations of fused patterns (their bias add), routed to this handler."""
         fresh = copy.copy(self)
         fresh.shadows = Shadows()
-        return fresh
+        fresh.pending = {}
+        fresh.producers = int_domain.producers(plan.closed_jaxpr.jaxpr) if self.integer_domain else {}
+        if not self.integer_domain:
+            return fresh, plan
+        steps = {id(e): int_domain.FusedStep(name, e.primitive.name)
+                 for name, eqns in plan.fused_eqns.items() if name in self.plans for e in eqns[:-1]}
+        return fresh, dataclasses.replace(plan, by_eqn={**plan.by_eqn, **steps})
 
     def __call__(self, site: Site | View, eqn, invals: list, state: ConvertedSite, scope):
+        if isinstance(site, int_domain.FusedStep):
+            return self._fused_step(eqn, invals), state
         if isinstance(site, View):
             return self._view(site, eqn, invals, state, scope), state
         plan = self.plans.get(site.name) if isinstance(site, Site) else None
@@ -319,6 +332,10 @@ class IntHandler:
             given = self.shadows.get(eqn.invars[plan.input_index], input_reference(site, plan))
             if given is not None:
                 x = given.q  # already quantized with this site's input qparams: no float round trip
+        if plan.kind == "static" and self._fusable(site, eqn, plan):
+            # The requantized output is computed at the pattern's tail, with the bias and ReLU in the kernel's
+            # epilogue; this float result stays for other readers (none in a matched pattern: XLA drops it).
+            self.pending[eqn.outvars[0]] = int_domain.Pending(site, eqn, x)
         out = None
         if plan.kind == "static" and self._own_output(site):
             qp = state.eval["output"]
@@ -336,12 +353,63 @@ class IntHandler:
         """Whether the site quantizes its own output (not at a fused tail) with integer-capable qparams."""
         return self.integer_domain and not site.fused and int_domain.integer_spec(site.output_spec)
 
+    def _fusable(self, site: Site, eqn, plan: SitePlan) -> bool:
+        """Whether a static site's fused bias add / ReLU can run in its kernel's epilogue (output channels on
+        the last axis, the output quantized per tensor at the tail)."""
+        if not (self.integer_domain and site.fused and int_domain.integer_spec(site.output_spec)):
+            return False
+        if plan.layout == "conv":
+            return eqn.params["dimension_numbers"].out_spec[1] == len(site.output_shape) - 1
+        w_op = site.operands[plan.weight_index]
+        return plan.weight_index == 1 and len(w_op.shape) - len(w_op.contract_axes) == 1
+
+    def _fused_step(self, eqn, invals: list) -> list:
+        """A bias add inside a fused pattern: carried into the pending epilogue when its bias is per channel."""
+        outs = bind_eqn(eqn, invals)
+        for var in eqn.invars:
+            pending = self.pending.get(var) if not isinstance(var, Literal) else None
+            if pending is not None:
+                bias = int_domain.channel_bias(eqn, var, invals, self.producers)
+                if bias is not None and pending.bias is None:
+                    self.pending[eqn.outvars[0]] = pending._replace(bias=bias)
+                break
+        return outs
+
+    def _tail(self, view: View, eqn, invals: list, state: ConvertedSite):
+        """The pattern's requantized output from one kernel call (bias and ReLU in its epilogue), or None when
+        this tail does not continue a pending pattern."""
+        for var in eqn.invars:
+            pending = self.pending.get(var) if not isinstance(var, Literal) else None
+            if pending is None:
+                continue
+            if is_relu(eqn):
+                pending = pending._replace(relu=True)
+            else:
+                bias = int_domain.channel_bias(eqn, var, invals, self.producers)
+                if bias is None or pending.bias is not None:
+                    return None
+                pending = pending._replace(bias=bias)
+            site, anchor = pending.site, pending.eqn
+            plan = self.plans[site.name]
+            x_spec = activation_spec(site.operands[plan.input_index].spec)
+            ref = int_domain.reference(view.name, view.key, view.spec)
+            scale, zero_point = state.eval[view.key]
+            extra = dict(bias=pending.bias, bias_int32=False, relu=pending.relu)
+            run = self._conv if plan.layout == "conv" else self._dot
+            q = run(site, anchor, plan, pending.x, state, x_spec, (ref, (scale, zero_point)), extra)
+            return self.shadows.set(eqn.outvars[0], QValue(q, scale, zero_point, ref))
+        return None
+
     def _view(self, view: View, eqn, invals: list, state: ConvertedSite, scope) -> list:
         """A view of a site's slot: integers in, integers out for value-preserving ops; else eval's fake quant
         (a fused ReLU tail, a bias add), whose quantized output is recorded as integers."""
         if not (self.integer_domain and int_domain.integer_spec(view.spec) and view.output):
             outs, _ = self.eval(view, eqn, invals, _eval_slots(state.eval), _EvalScope(scope))
             return outs
+        if view.key == "output" and self.pending:
+            fused = self._tail(view, eqn, invals, state)
+            if fused is not None:
+                return [fused]
         scale, zero_point = state.eval[view.key]
         ref = int_domain.reference(view.name, view.key, view.spec)
         if eqn.primitive.name in int_domain.INTEGER_OPS:
@@ -366,7 +434,7 @@ class IntHandler:
         return dict(out_scale=scale, out_zero_point=zero_point, out_dtype=ref.dtype, out_quant_min=ref.quant_min,
                     out_quant_max=ref.quant_max)
 
-    def _dot(self, site, eqn, plan, x, state: ConvertedSite, x_spec, out=None):
+    def _dot(self, site, eqn, plan, x, state: ConvertedSite, x_spec, out=None, extra=None):
         qw = state.weight
         side = "rhs" if plan.weight_index == 1 else "lhs"
         w_shape = site.operands[plan.weight_index].shape
@@ -378,7 +446,7 @@ class IntHandler:
             y2 = int8_dot_general(x2, qw, DENSE, act_scale=act.scale, act_zero_point=act.zero_point,
                                   act_inv_scale=act.inv_scale, act_dtype=x_spec.dtype,
                                   act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max,
-                                  pad_batch_one=self.pad, **self._out_kwargs(out))
+                                  pad_batch_one=self.pad, **self._out_kwargs(out), **(extra or {}))
             if is_float and out is None:
                 y2 = _nan_rows(y2, x2)
         elif plan.kind == "dynamic":
@@ -389,7 +457,7 @@ class IntHandler:
             y2 = weight_only_dot_general(x2, qw, DENSE, impl=self.weight_only_impl, pad_batch_one=self.pad)
         return layout.output(y2, x.shape, w_shape)
 
-    def _conv(self, site, eqn, plan, x, state: ConvertedSite, x_spec, out=None):
+    def _conv(self, site, eqn, plan, x, state: ConvertedSite, x_spec, out=None, extra=None):
         p = eqn.params
         qw = state.weight
         args = (x, qw, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
@@ -399,7 +467,7 @@ class IntHandler:
             return int8_conv(*args, act_scale=act.scale, act_zero_point=act.zero_point,
                              act_inv_scale=act.inv_scale, act_dtype=x_spec.dtype,
                              act_quant_min=x_spec.quant_min, act_quant_max=x_spec.quant_max, impl=self.conv_impl,
-                             pad_batch_one=self.pad, **self._out_kwargs(out))
+                             pad_batch_one=self.pad, **self._out_kwargs(out), **(extra or {}))
         return dynamic_int8_conv(*args, symmetric=is_symmetric(x_spec.qscheme), act_dtype=x_spec.dtype,
                                  impl=self.conv_impl, pad_batch_one=self.pad)
 
@@ -619,7 +687,8 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
                 f"(new: {sorted(names - converted_names)}, missing: {sorted(converted_names - names)}); "
                 "convert again with example inputs of this structure"
             )
-        outs, _ = interpret(call_plan, handler.for_call(), sites_state, *jax.tree_util.tree_leaves(full))
+        call_handler, call_plan = handler.for_call(call_plan)
+        outs, _ = interpret(call_plan, call_handler, sites_state, *jax.tree_util.tree_leaves(full))
         return jax.tree_util.tree_unflatten(call_plan.out_tree, outs)
 
     def int_fn(int_params, *rest):

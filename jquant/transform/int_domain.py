@@ -89,3 +89,65 @@ class Shadows:
         """Record ``value`` for ``var``; returns the float value the interpreter carries."""
         self._values[var] = value
         return value.dequantize()
+
+
+# -- fused epilogues: conv / dense + bias add (+ ReLU) requantized in one kernel call ---------------------------
+
+
+class FusedStep(NamedTuple):
+    """A non-tail equation of a fused pattern (the bias add before a ReLU): the converted function routes it to
+    its handler, which carries the anchor's pending epilogue through it. ``name``: the anchor site."""
+
+    name: str
+    primitive: str
+
+
+class Pending(NamedTuple):
+    """A static conv / dense whose requantized output waits for its pattern's tail (bias add, ReLU)."""
+
+    site: Any
+    eqn: Any
+    x: Any  # the activation input as the kernel takes it (integers when they were available)
+    bias: Any = None
+    relu: bool = False
+
+
+def producers(jaxpr: Any) -> dict:
+    """``{var: eqn}`` over ``jaxpr`` and every sub-jaxpr (scan / cond / jit bodies)."""
+    found: dict = {}
+    stack = [jaxpr]
+    while stack:
+        current = stack.pop()
+        current = getattr(current, "jaxpr", current)
+        for eqn in current.eqns:
+            for var in eqn.outvars:
+                found[var] = eqn
+            for value in eqn.params.values():
+                for v in value if isinstance(value, tuple | list) else (value,):
+                    if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns"):
+                        stack.append(v)
+    return found
+
+
+def channel_bias(add_eqn, y_var, invals: list, producers_map: dict) -> jnp.ndarray | None:
+    """The per-channel vector of a bias add ``y + b`` over the last axis of ``y`` (None when ``b`` is not a
+    broadcast of such a vector: the add then runs as it is)."""
+    positions = [i for i, v in enumerate(add_eqn.invars) if v is y_var]
+    if len(positions) != 1:
+        return None
+    other = 1 - positions[0]
+    b_var, b = add_eqn.invars[other], jnp.asarray(invals[other])
+    out_shape = tuple(add_eqn.outvars[0].aval.shape)
+    if not out_shape:
+        return None
+    n = out_shape[-1]
+    if b.ndim == 0 or all(d == 1 for d in b.shape[:-1]) and b.shape[-1] in (1, n):
+        return jnp.broadcast_to(b.reshape(-1), (n,)) if b.size in (1, n) else None
+    eqn = None if not hasattr(b_var, "aval") else producers_map.get(b_var)
+    if eqn is None or eqn.primitive.name != "broadcast_in_dim" or b.shape != out_shape:
+        return None
+    operand_shape = tuple(eqn.invars[0].aval.shape)
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    if any(size != 1 and dim != len(out_shape) - 1 for size, dim in zip(operand_shape, dims, strict=True)):
+        return None
+    return b[(0,) * (b.ndim - 1)]  # a broadcast along every other axis: any row is the vector
