@@ -162,3 +162,32 @@ def test_convert_rejects_foreign_qstate():
     qf, qstate = _calibrated(mlp, None, params, x)
     with pytest.raises(ValueError, match="missing sites"):
         jquant.convert(qf, {"other": {}}, params, x)
+
+
+def test_derived_int32_bias_converts_and_matches_eval():
+    """PT2E's derived bias spec (int32, scale = input scale x weight scale, read from the producing dot): the
+    converted function keeps the weight qparams it derives from and rounds the bias to that grid, as eval."""
+    from jquant.transform.specs import DerivedQuantizationSpec
+
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+         "b": jnp.asarray(rng.standard_normal(8) * 0.37, jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+    bias = DerivedQuantizationSpec(("producer:input", "producer:weight"), dtype="int32")
+    config = [jquant.Rule(weight=jquant.QuantizationSpec("int8", "per_channel_symmetric"),
+                          inputs=jquant.QuantizationSpec("uint8")),
+              jquant.Rule(primitives=("add",), weight=bias)]
+    qf = jquant.quantize(lambda p, x: x @ p["w"] + p["b"], config)
+    qstate = qf.init(p, x)
+    _, qstate = qf.apply(qstate, p, x, mode="calibrate")
+    want = np.asarray(qf.apply(qstate, p, x, mode="eval")[0])
+    int_fn, int_params = jquant.convert(qf, qstate, p, x)
+    got = np.asarray(int_fn(int_params, x))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # the bias really sits on the derived int32 grid: the float bias would differ by more than float rounding
+    dot = qf.sites[0].name
+    grid = float(qstate[dot]["input"].scale) * np.asarray(qstate[dot]["weight"].scale).reshape(-1)
+    rounded = np.round(np.asarray(p["b"]) / grid) * grid
+    assert np.abs(rounded - np.asarray(p["b"])).max() > 1e-4
+    float_bias = want - rounded + np.asarray(p["b"])
+    assert np.abs(got - float_bias).max() > 1e-4

@@ -653,8 +653,8 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         w_key = site.operands[sp.weight_index].key
         qw = _stacked(lambda w, slot, s=site, p=sp: quantize_site_weight(s, eqns[s.name], p, w, slot),
                       len(site.stack))(captured[name]["w"], qstate[name][w_key])
-        # Every site keeps its qparams for the equations that view it (a fused output, a shared max-pool).
-        eval_qparams = {key: qp for key, qp in eval_qparams.items() if sp.kind == "dequantize" or key != w_key}
+        # Every site keeps its qparams for the equations that view it (a fused output, a shared max-pool) and for
+        # specs derived from them (an int32 bias: input scale x weight scale), the weight's included.
         if sp.kind == "static":
             x_op = site.operands[sp.input_index]
             shared = x_op.spec if isinstance(x_op.spec, SharedQuantizationSpec) else None
