@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jquant.kernels import native
 from jquant.kernels.dot import DotLayout
 from jquant.kernels.matmul import int8_matmul
 from jquant.kernels.weights import canonical_matrix
@@ -57,8 +58,15 @@ def _forward(x, w, x_scale, x_zero_point, w_scale, x_range, w_range):
     shift = 128 if x_range[1] > 127 else 0  # uint8 activations run as int8 with a shifted zero point
     qx8 = (qx.astype(jnp.int32) - shift).astype(jnp.int8)
     qw8 = qw.astype(jnp.int8)
-    acc = int8_matmul(qx8, qw8) - (x_zp - shift) * jnp.sum(qw8.astype(jnp.int32), axis=0)
+    acc = int8_matmul(qx8, qw8) - (x_zp - shift) * _column_sums(qw8)
     return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(x.dtype)
+
+
+def _column_sums(qw8: jnp.ndarray) -> jnp.ndarray:
+    """``sum_k qw8[k, n]`` (int32, exact) as an int8 dot with a row of ones: one read of the int8 weight, where
+    ``sum(qw8.astype(int32), 0)`` made XLA write an int32 copy of the weight (4x its bytes) and reduce that."""
+    ones = jnp.ones((2, qw8.shape[0]), jnp.int8)  # two rows: XLA:CPU's int8 dot is slow with one
+    return lax.dot_general(ones, qw8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)[0]
 
 
 def _fwd(x, w, x_scale, x_zero_point, w_scale, w_zero_point, x_range, w_range, int8_backward):
@@ -80,8 +88,13 @@ def _int8_backward(dy, qx, x_zp, x_scale, qw, w_scale):
     then runs on a slow generic loop instead of its int8 kernel.
     """
     qg, row_scale = _int8_rows(dy * w_scale, axis=1)
-    # (M, N) x (K, N) contracting N: an operand form XLA:CPU's int8 kernel takes without a transpose.
-    dx = lax.dot_general(qg, qw.astype(jnp.int8), (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    qw8 = qw.astype(jnp.int8)
+    if native.use_native_gemm(qg.shape[0]):
+        dx = int8_matmul(qg, qw8.T)  # the native GEMM packs W^T like any weight
+    else:
+        # XLA: (M, N) x (K, N) contracting N, a form its int8 kernel takes as is; a transposed int8 operand
+        # (``int8_matmul(qg, qw8.T)``) is laid out column-major and upcast to an s32 x s32 dot, far slower.
+        dx = lax.dot_general(qg, qw8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     fx = (qx - x_zp.astype(jnp.float32)) * x_scale
     return dx.astype(jnp.float32) * row_scale, fx.T @ dy
 
