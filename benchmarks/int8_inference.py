@@ -128,7 +128,9 @@ def run(reps_big: int, reps_small: int, batches, models) -> list[tuple]:
         fn, params, in_shape = make_model(name, rng)
         calib = jnp.asarray(rng.standard_normal((64, *in_shape)), jnp.float32)
         converted = {}
-        for label, config in (("static", presets.int8_static()), ("dynamic", presets.int8_dynamic())):
+        configs = (("static", presets.int8_static()), ("static torch_x86, uint8 between ops", presets.torch_x86()),
+                   ("dynamic", presets.int8_dynamic()))
+        for label, config in configs:
             qf = jquant.quantize(fn, config)
             qstate = qf.init(params, calib)
             _, qstate = qf.apply(qstate, params, calib, mode="calibrate")
@@ -202,7 +204,8 @@ def main() -> None:
 
     import torch
 
-    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch {torch.__version__}\n")
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch {torch.__version__}; "
+          f"jquant kernels: {jquant.kernels.backend()}\n")
     print("| model | batch | implementation | median ms | x faster than JAX f32 |")
     print("|---|---|---|---|---|")
     for name, batch, impl, ms, ratio in rows:
