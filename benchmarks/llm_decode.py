@@ -9,12 +9,14 @@ JAX; ``model(..., cache=...)`` per token for torch); prefill is not timed.
 Rows: JAX f32 / bf16; jquant int8 and int4 (group 128) weight-only (``jquant.quantize`` of the f32 step
 function with ``presets.int8_weight_only()`` / ``int4_weight_only()``, then ``jquant.convert``); torch f32 /
 bf16; torchao ``Int8WeightOnlyConfig`` / ``Int4WeightOnlyConfig`` on the same checkpoint (a variant that does
-not run on this CPU prints its error in its row). Timing: ``bench_common.round_robin_ms`` in three rounds
-(JAX variants; torch; torchao), each with JAX f32 in it, so every ratio is against JAX f32 measured in the same
-round. Batch-1 decode reads every weight once per token: the table gives the weight bytes per token, the
-bandwidth that implies, and the floor set by the machine's read bandwidth (measured here with a reduction over
-1 GiB). First-token agreement: each variant's greedy first token (and how many of the generated tokens agree)
-vs torch f32 on the same prompt; JAX f32 must give torch f32's first token (asserted).
+not run on this CPU prints its error in its row). Timing: ``bench_common.round_robin_ms`` in rounds: A JAX f32
+and the jquant variants, then one round per other variant (B: JAX bf16, C-F: torch, one model in memory at a
+time), each with JAX f32 in it, so every ratio is against JAX f32 measured in the same round. Batch-1 decode
+reads every weight once per token: the table gives the weight bytes per token, the bandwidth that implies, and
+the time those bytes take at the machine's read bandwidth (measured here with a reduction over 1 GiB).
+First-token agreement: each variant's greedy first token (and how many of the generated tokens agree, and the
+SQNR of its first-token logits) vs torch f32 on the same prompt; JAX f32 must give torch f32's first token
+(asserted).
 
     python benchmarks/llm_decode.py [--small] [--new-tokens N] [--reps R]
 """
@@ -91,7 +93,7 @@ def load_torch(path: str, dtype_name: str = "float32"):
     return LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).eval()
 
 
-def torchao_variant(path: str, bits: int):
+def torchao_variant(path: str, bits: int) -> tuple:
     """(model, "") quantized by torchao weight-only int8 / int4, or (None, why) where it does not run here."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
@@ -176,6 +178,25 @@ def time_round(decoders: dict, rows: dict, round_: str, n_new: int, reps: int, w
         row.ms, row.base_ms = ms[name], ms["JAX f32"]
 
 
+def available_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def wait_for_memory(needed: int, what: str, timeout_s: float = 300.0) -> str:
+    """"" when ``needed`` bytes are available (polls up to ``timeout_s`` on a shared machine), else why not."""
+    deadline = time.monotonic() + timeout_s
+    while available_bytes() < needed:
+        if time.monotonic() > deadline:
+            return (f"skipped: {what} needs ~{needed / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available "
+                    "(shared machine)")
+        time.sleep(10)
+    return ""
+
+
 def run(dims: LlamaDims, n_new: int, reps: int, warmup: int, small: bool) -> None:
     import torch
 
@@ -184,61 +205,80 @@ def run(dims: LlamaDims, n_new: int, reps: int, warmup: int, small: bool) -> Non
     prompt = np.random.default_rng(SEED).integers(0, dims.vocab, (1, PROMPT_LEN))
     rows: dict[str, Row] = {}
     started = time.perf_counter()
+
+    def log(what: str) -> None:
+        print(f"[{time.perf_counter() - started:.0f} s] {what}", flush=True)
+
     bandwidth = read_bandwidth_gbs()
+    margin = 1 << 30
     with tempfile.TemporaryDirectory() as tmp:
         model = random_torch_model(dims, SEED)
         model.save_pretrained(tmp)
         reference = Row("torch f32 (reference)", "-", 0).record(TorchDecoder(model), prompt, n_new)
+        f32_bytes = torch_weight_bytes(model)
         del model
         gc.collect()
+        log("checkpoint written, torch f32 reference decoded")
 
-        # round A: JAX variants (the integer conversions first: each briefly holds two f32 copies of the weights)
+        # round A: JAX variants. The integer conversions come first, with nothing else held: jquant.convert holds
+        # the float weights three times (the caller's, a zero-filled capture state and the captured copy).
         params = load_params(tmp, dims)
         embed_bytes = tree_nbytes(params["model"]["embed_tokens"])
         decoders = {"JAX f32": Decoder(step_fn(dims), params, dims, max_len)}
         rows["JAX f32"] = Row("JAX f32", "A", tree_nbytes(params) - embed_bytes)
-        rows["JAX bf16"] = Row("JAX bf16", "A", (tree_nbytes(params) - embed_bytes) // 2)
-        reports = {}
+        reports, saved = {}, {}
         for name, preset in (("jquant int8 weight-only", jquant.presets.int8_weight_only()),
                              ("jquant int4 weight-only (group 128)", jquant.presets.int4_weight_only(128))):
+            why = wait_for_memory(2 * tree_nbytes(params) + margin, "jquant.convert")
+            if why:
+                rows[name] = Row(name, "A", 0, note=why)
+                continue
             start = time.perf_counter()
-            decoders[name], int_params, reports[name] = jquant_decoder(params, dims, max_len, prompt, preset)
-            reports[name] = (reports[name], time.perf_counter() - start)
+            decoders[name], int_params, report_ = jquant_decoder(params, dims, max_len, prompt, preset)
+            reports[name] = (report_, time.perf_counter() - start)
             rows[name] = Row(name, "A", tree_nbytes(int_params) - embed_bytes)
-            del int_params
+            saved[name] = f"{tmp}/{len(saved)}.int.safetensors"  # on disk while the next conversion runs
+            jquant.save_int_params(saved[name], int_params)
+            decoders[name].params = int_params = None
             gc.collect()
-        params_bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
-        decoders["JAX bf16"] = Decoder(step_fn(dims), params_bf16, dims, max_len, jnp.bfloat16)
-        del params_bf16
+            log(f"{name}: quantize + convert {reports[name][1]:.0f} s")
+        for name, path in saved.items():
+            decoders[name].params = jax.tree_util.tree_map(jnp.asarray, jquant.load_int_params(path))
         for name, decoder in decoders.items():
             rows[name].record(decoder, prompt, n_new)
         first_ok = agreement(rows["JAX f32"], reference)[0]
         assert first_ok == "yes", "JAX f32's greedy first token differs from torch f32's"
-        print(f"[{time.perf_counter() - started:.0f} s] round A (JAX variants) ...", flush=True)
+        log("round A (JAX variants) ...")
         time_round(decoders, rows, "A", n_new, reps, warmup)
-        f32_decoder = decoders["JAX f32"]
+        f32_decoder = decoders["JAX f32"]  # params stay alive through it (for JAX bf16 below)
         del decoders
         gc.collect()
 
-        # round B: torch f32 / bf16; round C: torchao weight-only int8 / int4
-        for round_, variants in (("B", (("torch f32", lambda: load_torch(tmp)),
-                                        ("torch bf16", lambda: load_torch(tmp, "bfloat16")))),
-                                 ("C", (("torchao int8 weight-only", lambda: torchao_variant(tmp, 8)),
-                                        ("torchao int4 weight-only (group 128)", lambda: torchao_variant(tmp, 4))))):
-            decoders = {"JAX f32": f32_decoder}
-            for name, make in variants:
-                made = make()
-                model, why = made if isinstance(made, tuple) else (made, "")
-                if model is None:
-                    rows[name] = Row(name, round_, 0, note=why)
-                    continue
-                decoders[name] = TorchDecoder(model)
-                rows[name] = Row(name, round_, torch_weight_bytes(model)).record(decoders[name], prompt, n_new)
-                del made, model
-            print(f"[{time.perf_counter() - started:.0f} s] round {round_} ...", flush=True)
+        # one round per other variant (JAX bf16, then one torch model held at a time), each with JAX f32 again
+        def jax_bf16():
+            bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+            return Decoder(step_fn(dims), bf16, dims, max_len, jnp.bfloat16), rows["JAX f32"].weight_bytes // 2, ""
+
+        def torch_decoder(model, why=""):
+            return (None, 0, why) if model is None else (TorchDecoder(model), torch_weight_bytes(model), "")
+
+        variants = (("JAX bf16", f32_bytes, jax_bf16),  # XLA:CPU computes bf16 dots on f32 copies of the weights
+                    ("torch f32", f32_bytes, lambda: torch_decoder(load_torch(tmp))),
+                    ("torch bf16", f32_bytes // 2, lambda: torch_decoder(load_torch(tmp, "bfloat16"))),
+                    ("torchao int8 weight-only", f32_bytes, lambda: torch_decoder(*torchao_variant(tmp, 8))),
+                    ("torchao int4 weight-only (group 128)", f32_bytes // 2,
+                     lambda: torch_decoder(*torchao_variant(tmp, 4))))
+        for round_, (name, needed, make) in zip("BCDEF", variants, strict=True):
+            why = wait_for_memory(needed + margin, f"{name}")
+            decoder, weight_bytes, why = (None, 0, why) if why else make()
+            if decoder is None:
+                rows[name] = Row(name, round_, 0, note=why)
+                continue
+            rows[name] = Row(name, round_, weight_bytes).record(decoder, prompt, n_new)
+            log(f"round {round_} ({name}) ...")
             with torch.inference_mode():
-                time_round(decoders, rows, round_, n_new, reps, warmup)
-            del decoders
+                time_round({"JAX f32": f32_decoder, name: decoder}, rows, round_, n_new, reps, warmup)
+            del decoder
             gc.collect()
 
     report(dims, rows, reference, bandwidth, n_new, reps, small, reports, time.perf_counter() - started)
@@ -260,11 +300,12 @@ def report(dims, rows, reference, bandwidth, n_new, reps, small, reports, second
           f"{reps} round-robin repetitions (median); ratios vs JAX f32 timed in the same round")
     print(f"- physical limit: batch-1 decode is memory bound (every weight read once per token; the embedding is a "
           f"gather of one row and is not counted; the KV cache adds < 1%). Read bandwidth measured here: "
-          f"{bandwidth:.1f} GB/s (jnp.sum over 1 GiB); floor ms/token = weight bytes / that bandwidth"
-          + (" (the small config's weights fit in cache: the floor does not apply)" if small else ""))
+          f"{bandwidth:.1f} GB/s (jnp.sum over 1 GiB, a rough reference on a shared machine, not a hard ceiling); "
+          "'ms/token at read GB/s' = weight bytes / that bandwidth"
+          + (" (the small config's weights fit in cache: it does not apply)" if small else ""))
     print()
     print("| variant | round | ms/token | tokens/s | x JAX f32 (same round) | weight bytes/token | implied GB/s "
-          "| floor ms/token | first token = torch f32 | greedy tokens = torch f32 | first logits SQNR dB |")
+          "| ms/token at read GB/s | first token = torch f32 | greedy tokens = torch f32 | first logits SQNR dB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows.values():
         first, same, sqnr = agreement(row, reference)
@@ -272,9 +313,9 @@ def report(dims, rows, reference, bandwidth, n_new, reps, small, reports, second
             print(f"| {row.name} | {row.round} | - | - | - | - | - | - | - | - | {row.note} |")
             continue
         gbs = row.weight_bytes / (row.ms * 1e-3) / 1e9
-        floor = row.weight_bytes / (bandwidth * 1e9) * 1e3
+        at_bandwidth = row.weight_bytes / (bandwidth * 1e9) * 1e3
         print(f"| {row.name} | {row.round} | {row.ms:.2f} | {1e3 / row.ms:.1f} | {row.base_ms / row.ms:.2f}x "
-              f"| {row.weight_bytes / 1e6:.1f} MB | {gbs:.1f} | {floor:.2f} | {first} | {same} | {sqnr} |")
+              f"| {row.weight_bytes / 1e6:.1f} MB | {gbs:.1f} | {at_bandwidth:.2f} | {first} | {same} | {sqnr} |")
     print(f"\nreference (torch f32 greedy): {reference.tokens[0].tolist()}")
     for name, (rep, seconds_convert) in reports.items():
         kinds = {}
