@@ -173,6 +173,30 @@ def test_conv_nhwc_matches_xla(groups, strides, padding, dilation, all_native):
 
 
 @needs_native
+@pytest.mark.parametrize("groups,out_dtype", [(1, "uint8"), (2, "int8"), (1, "int4")])
+def test_conv_requantizing_epilogue_matches_xla(groups, out_dtype, all_native):
+    """ConvReLU with a float bias, requantized to the next op's integers inside the GEMM (int4: the GEMM writes
+    float32, XLA requantizes): the same integers as the XLA path, up to a tie moved by float rounding."""
+    x, w = _normal(2, 9, 10, 6), _normal(3, 3, 6 // groups, 8)
+    dn = ("NHWC", "HWIO", "NHWC")
+    xs, xz = choose_qparams(x.min(), x.max(), dtype="uint8")
+    qw = quantize_weight(w, axis=-1)
+    if groups == 1:
+        qw = pack_conv_weight(qw, dn)
+
+    def f(x, qw):
+        return int8_conv(x, qw, (1, 1), "SAME", None, None, dn, groups, act_scale=xs, act_zero_point=xz,
+                         bias=jnp.linspace(-1.0, 1.0, 8), bias_int32=False, relu=True, out_scale=0.05,
+                         out_zero_point=-3 if out_dtype != "uint8" else 7, out_dtype=out_dtype)
+
+    got, ref = _both(f, x, qw)
+    assert got.dtype == ref.dtype == jnp.dtype(jnp.uint8 if out_dtype == "uint8" else jnp.int8)
+    diff = np.abs(np.asarray(got, np.int32) - np.asarray(ref, np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+    assert len(np.unique(np.asarray(got))) > 8  # a real spread of values, not a clamped constant
+
+
+@needs_native
 def test_vmap_over_activations(all_native):
     x, w = _normal(3, 5, 40), _normal(40, 24)
     qw = pack_weight(quantize_weight(w, axis=-1, contracting_axes=(0,)))
