@@ -13,7 +13,7 @@ not run on this CPU prints its error in its row). Timing: ``bench_common.round_r
 and the jquant variants, then one round per other variant (B: JAX bf16, C-F: torch, one model in memory at a
 time), each with JAX f32 in it, so every ratio is against JAX f32 measured in the same round. Batch-1 decode
 reads every weight once per token: the table gives the weight bytes per token, the bandwidth that implies, and
-the time those bytes take at the machine's read bandwidth (measured here with a reduction over 1 GiB).
+the time those bytes take at the machine's read bandwidth (an f32 GEMV over 1 GiB timed in round A).
 First-token agreement: each variant's greedy first token (and how many of the generated tokens agree, and the
 SQNR of its first-token logits) vs torch f32 on the same prompt; JAX f32 must give torch f32's first token
 (asserted).
@@ -34,13 +34,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import cpu_name, median_ms, round_robin_ms  # first: sets OMP_WAIT_POLICY
+from bench_common import cpu_name, round_robin_ms  # first: sets OMP_WAIT_POLICY
 from llama_jax import SMALL, TINYLLAMA, Decoder, LlamaDims, init_cache, load_params, random_torch_model, step_fn
 
 import jquant
 from jquant.kernels import backend, tree_nbytes
 
 PROMPT_LEN = 8
+READ_PROBE = "read 1 GiB (f32 GEMV)"
 SEED = 0
 
 
@@ -129,12 +130,19 @@ def jquant_decoder(params, dims: LlamaDims, max_len: int, prompt: np.ndarray, pr
     return Decoder(int_fn, int_params, dims, max_len), int_params, int_fn.report
 
 
-def read_bandwidth_gbs(reps: int = 5) -> float:
-    """The machine's read bandwidth: a jitted sum over 1 GiB of f32 (median of ``reps``)."""
-    x = jnp.ones((1 << 28,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    ms = median_ms({"sum": lambda: total(x).block_until_ready()}, reps, warmup=2)["sum"]
-    return (1 << 30) / (ms * 1e-3) / 1e9
+class ReadProbe:
+    """The machine's streaming read bandwidth, timed in round A beside the decoders (same load): an f32 GEMV
+    ``(1, 8192) x (8192, 32768)`` reads 1 GiB of weights, as a decode step reads its weights."""
+
+    nbytes = 1 << 30
+
+    def __init__(self):
+        self.w = jnp.ones((8192, 32768), jnp.float32)
+        self.v = jnp.ones((1, 8192), jnp.float32)
+        self.gemv = jax.jit(jnp.matmul)
+
+    def decode(self, n_new: int) -> None:
+        self.gemv(self.v, self.w).block_until_ready()
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
@@ -164,11 +172,12 @@ def agreement(row: Row, reference: Row) -> tuple[str, str, str]:
     return ("yes" if tokens[0] == ref[0] else "no"), f"{same}/{len(tokens)}", sqnr
 
 
-def time_round(decoders: dict, rows: dict, round_: str, n_new: int, reps: int, warmup: int) -> None:
+def time_round(decoders: dict, rows: dict, round_: str, n_new: int, reps: int, warmup: int) -> float | None:
     """Round-robin timing of ``decoders`` (JAX f32 among them): ms/token and the same-round JAX f32 ms/token.
-    JAX f32 gets one row per round ("JAX f32 (round B)" after the first)."""
+    JAX f32 gets one row per round ("JAX f32 (round B)" after the first). Returns the read probe's GB/s."""
     fns = {name: (lambda d=d: d.decode(n_new)) for name, d in decoders.items()}
     ms = {name: float(np.median(t)) / n_new for name, t in round_robin_ms(fns, reps, warmup).items()}
+    probe = ms.pop(READ_PROBE, None)
     base = rows["JAX f32"]
     if round_ != base.round:
         again = rows[f"JAX f32 (round {round_})"] = Row(f"JAX f32 (round {round_})", round_, base.weight_bytes)
@@ -176,6 +185,7 @@ def time_round(decoders: dict, rows: dict, round_: str, n_new: int, reps: int, w
     for name in ms:
         row = rows[name if name != "JAX f32" or round_ == base.round else f"JAX f32 (round {round_})"]
         row.ms, row.base_ms = ms[name], ms["JAX f32"]
+    return None if probe is None else ReadProbe.nbytes / (probe * n_new * 1e-3) / 1e9
 
 
 def available_bytes() -> int:
@@ -209,7 +219,6 @@ def run(dims: LlamaDims, n_new: int, reps: int, warmup: int, small: bool) -> Non
     def log(what: str) -> None:
         print(f"[{time.perf_counter() - started:.0f} s] {what}", flush=True)
 
-    bandwidth = read_bandwidth_gbs()
     margin = 1 << 30
     with tempfile.TemporaryDirectory() as tmp:
         model = random_torch_model(dims, SEED)
@@ -249,7 +258,9 @@ def run(dims: LlamaDims, n_new: int, reps: int, warmup: int, small: bool) -> Non
         first_ok = agreement(rows["JAX f32"], reference)[0]
         assert first_ok == "yes", "JAX f32's greedy first token differs from torch f32's"
         log("round A (JAX variants) ...")
-        time_round(decoders, rows, "A", n_new, reps, warmup)
+        decoders[READ_PROBE] = ReadProbe()
+        bandwidth = time_round(decoders, rows, "A", n_new, reps, warmup)
+        del decoders[READ_PROBE]
         f32_decoder = decoders["JAX f32"]  # params stay alive through it (for JAX bf16 below)
         del decoders
         gc.collect()
@@ -300,7 +311,7 @@ def report(dims, rows, reference, bandwidth, n_new, reps, small, reports, second
           f"{reps} round-robin repetitions (median); ratios vs JAX f32 timed in the same round")
     print(f"- physical limit: batch-1 decode is memory bound (every weight read once per token; the embedding is a "
           f"gather of one row and is not counted; the KV cache adds < 1%). Read bandwidth measured here: "
-          f"{bandwidth:.1f} GB/s (jnp.sum over 1 GiB, a rough reference on a shared machine, not a hard ceiling); "
+          f"{bandwidth:.1f} GB/s (an XLA f32 GEMV reading 1 GiB, timed in round A beside the decoders); "
           "'ms/token at read GB/s' = weight bytes / that bandwidth"
           + (" (the small config's weights fit in cache: it does not apply)" if small else ""))
     print()
