@@ -89,6 +89,9 @@ class CanonicalWeight:
            ) -> CanonicalWeight:
         if w.dtype not in ("int8", "int4"):
             raise ValueError(f"w: integer kernels need an int8 or int4 QuantizedWeight, got {w.dtype!r}")
+        if w.float_zero_point is not None:
+            raise ValueError("w: float zero points (per_channel_affine_float_qparams) have no integer kernel; "
+                             "use weight_only_dot_general (it dequantizes them) or dequantize the weight")
         q = canonical_matrix(w.int_values(), contract, free)
         groups = canonical_groups(w.shape, w.block_size, contract)
         counts = qparam_shape(w.shape, w.block_size)
@@ -265,7 +268,7 @@ def weight_only_dot_general(
     summation order, without a float weight in memory). ``impl="dynamic"``: the activation is quantized per row
     to int8 at run time and the int8 dot is used (adds one activation rounding: opt in only).
     ``"auto"`` (exact): ``"native"`` where the native kernels run and the weight is eligible, else
-    ``"dequantize"``.
+    ``"dequantize"``. Float-qparams weights (``float_zero_point``) always take the dequantize path.
     """
     if impl not in WEIGHT_ONLY_IMPLS:
         raise ValueError(f"impl: expected one of {WEIGHT_ONLY_IMPLS}, got {impl!r}")
@@ -275,6 +278,18 @@ def weight_only_dot_general(
             raise ValueError("impl: 'native' needs the native CPU kernels (jquant.kernels.backend()), symmetric "
                              "int8/int4 weights with groups of a multiple of 4 (int8) / 8 (int4) and float inputs")
         impl = "native" if eligible else "dequantize"
+    if w.float_zero_point is not None:
+        if impl == "dynamic":
+            raise ValueError("impl: 'dynamic' needs integer weight zero points; this weight has float qparams")
+        # Float qparams: the exact fake-quant weight (its zero point is not an integer), then the float dot.
+        layout = DotLayout.of(x.ndim, len(w.shape), dimension_numbers, weight_side)
+        x2 = layout.x_matrix(x)
+        dtype = x2.dtype if jnp.issubdtype(x2.dtype, jnp.floating) else jnp.float32
+        wf = canonical_matrix(w.dequantize(dtype), layout.w_contract, layout.w_free)
+        y = lax.dot(x2.astype(dtype), wf, preferred_element_type=jnp.float32)
+        if bias is not None:
+            y = y + _bias_for_output(bias, layout, w)
+        return layout.output(y, x.shape, w.shape).astype(dtype)
     if impl == "dynamic":
         return dynamic_int8_dot_general(
             x, w, dimension_numbers, weight_side=weight_side, bias=bias, pad_batch_one=pad_batch_one
@@ -311,7 +326,9 @@ def weight_only_dot_general(
 
 
 def _native_weight_only_ok(w: QuantizedWeight, x: jnp.ndarray, dimension_numbers: Any, weight_side: str) -> bool:
-    if not native.use_native() or w.zero_point is not None or w.dtype not in ("int8", "int4"):
+    if not native.use_native() or w.zero_point is not None or w.float_zero_point is not None:
+        return False
+    if w.dtype not in ("int8", "int4"):
         return False
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return False

@@ -5,6 +5,13 @@ A ``QuantizedWeight`` is a pytree leaf container: its arrays (``qvalue``, ``scal
 passes through ``jit``, ``tree_map`` and checkpointing like any params pytree. Scales follow
 ``jquant.numerics.granularity``: ``scale.shape == shape[i] // block_size[i]`` per dim, so one field covers
 per-tensor, per-channel and per-group.
+
+Unsigned weights (uint8 / uint4, e.g. torch's quint8 embeddings or asymmetric uint4 groups) are stored as their
+signed equivalent: ``q - 2**(bits - 1)`` in int8 / int4, exact. With integer zero points the shift is folded into
+the zero point (``zero_point - 2**(bits - 1)``, so ``q - zp`` and every integer kernel are unchanged); a float
+zero point (``per_channel_affine_float_qparams``) is kept as is in ``float_zero_point`` and the shift in
+``value_offset`` (dequantized as ``(q_stored + value_offset - float_zero_point) * scale``, rounded once like
+torch's float-qparams fake quant).
 """
 
 from __future__ import annotations
@@ -19,12 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.numerics.affine import dequantize_affine, quantize_affine
-from jquant.numerics.granularity import normalize_axis, qparam_shape
+from jquant.numerics.exact import product_of_difference
+from jquant.numerics.granularity import apply_blockwise, normalize_axis, qparam_shape
 from jquant.numerics.packing import pack_int4, unpack_int4
 from jquant.numerics.qparams import choose_qparams
 from jquant.numerics.qtypes import canonical_dtype
 
-WEIGHT_DTYPES = ("int8", "int4")
+WEIGHT_DTYPES = ("int8", "int4")  # storage dtypes of a QuantizedWeight
+UNSIGNED_STORAGE = {"uint8": "int8", "uint4": "int4"}  # quantized as unsigned, stored shifted to signed
+QUANTIZE_DTYPES = WEIGHT_DTYPES + tuple(UNSIGNED_STORAGE)
+
+
+def unsigned_offset(dtype: str) -> int:
+    """The shift ``2**(bits - 1)`` an unsigned weight dtype is stored with (0 for signed dtypes)."""
+    return {"uint8": 128, "uint4": 8}.get(canonical_dtype(dtype), 0)
 
 
 @jax.tree_util.register_dataclass
@@ -36,8 +51,12 @@ class QuantizedWeight:
     ``group_size`` are derived from it.
     ``qvalue``: int8 values, or for ``packed`` int4 two values per uint8 byte along ``packed_axis``.
     ``scale``: float32 of shape ``shape[i] // block_size[i]``. ``zero_point``: int32 like ``scale`` or None
-    (symmetric). ``w_sums``: int32 sums of the integer values over ``sum_axes`` (precomputed for the
-    activation zero-point correction of W8A8 kernels) or None.
+    (symmetric, or float qparams). ``float_zero_point``: float32 like ``scale`` for float qparams
+    (``per_channel_affine_float_qparams``; integer kernels cannot use it: such weights are dequantized) or None;
+    ``value_offset``: what the stored integers are shifted by (nonzero only with ``float_zero_point``, for an
+    unsigned weight stored as signed; see the module docstring).
+    ``w_sums``: int32 sums of the integer values over ``sum_axes`` (precomputed for the activation zero-point
+    correction of W8A8 kernels) or None.
     ``kernel_data``: the same integer values in the native CPU kernels' packed layout ``kernel_layout`` (see
     ``jquant.kernels.packing``) for the contraction over ``sum_axes``, made once by ``pack_weight``; None when the
     kernels should pack per call (or run on XLA). ``qvalue`` is None when only the packed copy is kept
@@ -49,6 +68,7 @@ class QuantizedWeight:
     zero_point: jnp.ndarray | None
     w_sums: jnp.ndarray | None = None
     kernel_data: jnp.ndarray | None = None
+    float_zero_point: jnp.ndarray | None = None
     dtype: str = field(default="int8", metadata=dict(static=True))
     shape: tuple[int, ...] = field(default=(), metadata=dict(static=True))
     block_size: tuple[int, ...] = field(default=(), metadata=dict(static=True))
@@ -56,6 +76,7 @@ class QuantizedWeight:
     packed_axis: int | None = field(default=None, metadata=dict(static=True))
     sum_axes: tuple[int, ...] | None = field(default=None, metadata=dict(static=True))
     kernel_layout: str | None = field(default=None, metadata=dict(static=True))
+    value_offset: int = field(default=0, metadata=dict(static=True))
 
     @property
     def axis(self) -> int | None:
@@ -78,7 +99,8 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (int values, scales, zero points, sums, and the native packed copy if any)."""
-        return tree_nbytes([self.qvalue, self.scale, self.zero_point, self.w_sums, self.kernel_data])
+        return tree_nbytes([self.qvalue, self.scale, self.zero_point, self.w_sums, self.kernel_data,
+                            self.float_zero_point])
 
     def int_values(self) -> jnp.ndarray:
         """The integer values as an int8 array of ``shape`` (unpacks int4, or the native packed copy)."""
@@ -98,6 +120,12 @@ class QuantizedWeight:
     def dequantize(self, dtype: Any = jnp.float32) -> jnp.ndarray:
         """The float weight the integer values stand for (what fake-quant computes)."""
         q = self.int_values()
+        if self.float_zero_point is not None:
+            # (q - zp) * scale rounded once, as the float-qparams fake quant computes it (``q + offset`` is exact)
+            def values(v, s, zp):
+                return product_of_difference(v.astype(jnp.float32) + self.value_offset, zp, s).astype(dtype)
+
+            return apply_blockwise(values, q, self.block_size, self.scale, self.float_zero_point)
         return dequantize_affine(q, self.scale, self.zero_point, block_size=self.block_size, dtype=dtype)
 
 
@@ -144,17 +172,23 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize a float weight once, ahead of time.
 
+    ``dtype``: int8 / int4, or uint8 / uint4 (stored as their signed equivalent, see the module docstring).
     ``axis``: the output-channel axis for per-channel scales (None: per tensor; Flax kernels use -1).
     ``group_size``/``group_axis``: additionally split ``group_axis`` (the contracted axis) into groups.
-    ``scale``/``zero_point``: use these qparams (e.g. from a calibrated observer) instead of min/max of ``w``.
+    ``scale``/``zero_point``: use these qparams (e.g. from a calibrated observer) instead of min/max of ``w``; a
+    float ``zero_point`` (``per_channel_affine_float_qparams``) is added before rounding and kept as
+    ``float_zero_point``. ``symmetric``: zero point 0 for signed dtypes, the middle of the range
+    (``2**(bits - 1)``, torch's uint8 symmetric 128) for unsigned ones; pass ``symmetric=False`` with the zero
+    points for any other convention.
     ``contracting_axes``: the axes a dot / conv contracts; precomputes the per-group integer sums
     (``w_sums``, shape ``(G, N)`` in the canonical layout) used by the W8A8 activation zero-point correction.
     int4 values are packed two per byte along the last axis of even size when ``pack``.
     ``quant_min``/``quant_max``: a custom integer range within ``dtype`` (e.g. torch's reduce_range).
     """
     name = canonical_dtype(dtype)
-    if name not in WEIGHT_DTYPES:
-        raise ValueError(f"dtype: weights are stored as one of {WEIGHT_DTYPES}, got {dtype!r}")
+    if name not in QUANTIZE_DTYPES:
+        raise ValueError(f"dtype: weights are quantized as one of {QUANTIZE_DTYPES}, got {dtype!r}")
+    storage, offset = UNSIGNED_STORAGE.get(name, name), unsigned_offset(name)
     w = jnp.asarray(w, jnp.float32)
     if w.ndim == 0:
         raise ValueError("w: expected an array with at least one dim, got a scalar")
@@ -170,14 +204,27 @@ def quantize_weight(
             blocked.min(axis=reduce_axes), blocked.max(axis=reduce_axes), dtype=name, qscheme=qscheme
         )
     scale = jnp.asarray(scale, jnp.float32).reshape(counts)
+    float_zp = zero_point is not None and jnp.issubdtype(jnp.result_type(zero_point), jnp.floating)
     if zero_point is not None:
-        zero_point = jnp.asarray(zero_point, jnp.int32).reshape(counts)
-        if symmetric and not bool(jnp.all(zero_point == 0)):
-            raise ValueError("zero_point: symmetric weights need zero points of 0; pass symmetric=False")
+        zero_point = jnp.asarray(zero_point, jnp.float32 if float_zp else jnp.int32).reshape(counts)
+        if symmetric and (float_zp or not bool(jnp.all(zero_point == offset))):
+            raise ValueError(f"zero_point: symmetric {name} weights need zero points of {offset}; pass "
+                             "symmetric=False")
     if symmetric:
         zero_point = None
-    zp = jnp.zeros(counts, jnp.int32) if zero_point is None else zero_point
+    zp = jnp.full(counts, offset, jnp.int32) if zero_point is None else zero_point
     q = quantize_affine(w, scale, zp, dtype=name, block_size=block, quant_min=quant_min, quant_max=quant_max)
+    float_zero_point, value_offset = None, 0
+    if offset:  # unsigned -> the signed equivalent (exact); the shift moves into the integer zero point
+        q = (q.astype(jnp.int32) - offset).astype(jnp.int8)
+        if float_zp:
+            float_zero_point, value_offset = zero_point, offset
+        elif zero_point is not None:
+            zero_point = zero_point - offset
+    elif float_zp:
+        float_zero_point = zero_point
+    if float_zp:
+        zero_point = None
     w_sums, sum_axes = None, None
     if contracting_axes is not None:
         sum_axes = tuple(normalize_axis(a, w.ndim, "contracting_axes") for a in contracting_axes)
@@ -186,7 +233,7 @@ def quantize_weight(
         groups = canonical_groups(w.shape, block, sum_axes)
         w_sums = jnp.sum(q2d.astype(jnp.int32).reshape(groups, -1, q2d.shape[1]), axis=1)
     packed, packed_axis = False, None
-    if name == "int4" and pack:
+    if storage == "int4" and pack:
         packed_axis = _pack_axis(w.shape)
         q = pack_int4(q, axis=packed_axis)
         packed = True
@@ -195,7 +242,9 @@ def quantize_weight(
         scale=scale,
         zero_point=zero_point,
         w_sums=w_sums,
-        dtype=name,
+        float_zero_point=float_zero_point,
+        value_offset=value_offset,
+        dtype=storage,
         shape=tuple(w.shape),
         block_size=block,
         packed=packed,

@@ -10,7 +10,26 @@ interpreter's site hook, each converted site on the integer kernels:
 
 - static activation spec (per-tensor int8/uint8, calibrated): ``int8_dot_general`` / ``int8_conv``;
 - dynamic activation spec (per tensor): ``dynamic_int8_dot_general`` / ``dynamic_int8_conv``;
-- no activation spec (weight-only int8 / int4): ``weight_only_dot_general`` (conv: dequantize + float conv).
+- no activation spec (weight-only int8 / int4): ``weight_only_dot_general`` (conv: dequantize + float conv);
+- an embedding lookup (a ``gather`` of a weight table, when a Rule names ``gather``): weight-only, the integer
+  table is gathered and only the gathered rows are dequantized (``jquant.kernels.embedding.quantized_gather``).
+
+Weight qschemes: per-tensor / per-channel / per-group, symmetric or affine, int8 / int4 / uint8 / uint4.
+Unsigned weights are stored as their signed equivalent (``q - 2**(bits - 1)``, the zero point shifted alike:
+exact), so they run the same kernels (W8A8 with a weight zero point runs the XLA integer path, not the native
+GEMM). ``per_channel_affine_float_qparams`` (torch's embedding scheme: float zero points added before rounding)
+keeps its float zero points: weight-only sites dequantize the weight exactly as eval does; static / dynamic sites
+run as "dequantize". Asymmetric conv weights are stored as integers and dequantized (float conv).
+
+Embeddings are not quantized by the presets (``int8_weight_only()`` etc. name dot_general / conv only); a Rule
+enables them, e.g. torch's ``float_qparams_weight_only_qconfig`` (uint8, one scale and float zero point per
+embedding vector)::
+
+    config = [Rule(primitives=("gather",), weight=QuantizationSpec("uint8", "per_channel_affine_float_qparams")),
+              *jquant.presets.int8_weight_only()]
+
+(``QuantizationSpec("int8", "per_channel_symmetric")`` or int4 per row work too.) A gather's per-channel qparams
+follow the indexed axis of the table (its rows).
 
 ``int_fn`` is a function of its inputs' shapes like ``qf.apply``: it is traced (and compiled) once per input
 signature, so one conversion serves every batch size, ``vmap`` and ``jax.export`` with symbolic dimensions.
@@ -18,7 +37,7 @@ What is fixed at conversion: the weights, the qparams, and the site structure (t
 quantized sites at the new shapes).
 
 Sites the kernels do not cover (other primitives, per-channel or float8 activation specs, output specs, ...)
-run as in ``mode="eval"`` (fake quant); their int8/int4 weight is still stored as integers and dequantized on
+run as in ``mode="eval"`` (fake quant); their integer weight is still stored as integers and dequantized on
 the fly. ``int_fn.report`` says, per site, which kernel runs and why a site was not converted.
 
 Numerics: the ``eval`` function's up to float rounding of the rescale. Weight qparams of observers that never
@@ -40,10 +59,19 @@ from jax.extend.core import Literal
 
 from jquant.kernels.conv import dynamic_int8_conv, int8_conv, pack_conv_weight
 from jquant.kernels.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
+from jquant.kernels.embedding import quantized_gather
 from jquant.kernels.native import backend
-from jquant.kernels.weights import QuantizedWeight, canonical_matrix, pack_weight, quantize_weight, tree_nbytes
+from jquant.kernels.weights import (
+    QuantizedWeight,
+    canonical_matrix,
+    pack_weight,
+    quantize_weight,
+    tree_nbytes,
+    unsigned_offset,
+)
 from jquant.numerics.affine import reciprocal
-from jquant.numerics.qschemes import is_symmetric
+from jquant.numerics.qparams import choose_qparams
+from jquant.numerics.qschemes import canonical_qscheme, is_symmetric
 from jquant.text_table import format_table
 from jquant.transform import int_domain, slots
 from jquant.transform.compat import used_inputs
@@ -56,7 +84,8 @@ from jquant.transform.specs import QuantizationSpec, SharedQuantizationSpec
 from jquant.transform.state import unobserved_activations, validate_qstate
 
 DENSE = (((1,), (0,)), ((), ()))
-INT_WEIGHT_DTYPES = ("int8", "int4")
+INT_WEIGHT_DTYPES = ("int8", "int4", "uint8", "uint4")
+WEIGHT_PRIMITIVES = ("dot_general", "conv_general_dilated", "gather")
 
 
 class StaticInput(NamedTuple):
@@ -83,7 +112,7 @@ class SitePlan:
     kind: str
     weight_index: int
     input_index: int | None
-    layout: str  # "dot" (canonical (K, N) weight) or "conv" (weight kept in its own layout)
+    layout: str  # "dot" (canonical (K, N) weight), "conv" or "gather" (weight kept in its own layout)
     reason: str = ""  # why a "dequantize" site does not run an integer kernel
 
 
@@ -95,6 +124,25 @@ def _weight_operand(site: Site):
     if spec.dtype not in INT_WEIGHT_DTYPES or spec.is_dynamic:
         return None
     return weights[0]
+
+
+def float_qparams(spec: QuantizationSpec) -> bool:
+    """Whether the spec's zero points are floats (``per_channel_affine_float_qparams``, torch's embeddings)."""
+    return canonical_qscheme(spec.qscheme) == "per_channel_affine_float_qparams"
+
+
+def stored_symmetric(spec: QuantizationSpec) -> bool:
+    """Whether the weight is stored with zero point 0: signed symmetric, or unsigned symmetric whose zero point is
+    the middle of the range (torch's uint8 symmetric 128), which the signed storage shifts to 0."""
+    if not is_symmetric(spec.qscheme):
+        return False
+    offset = unsigned_offset(spec.dtype)
+    if not offset:
+        return True
+    with jax.ensure_compile_time_eval():
+        _, zp = choose_qparams(np.float32(-1.0), np.float32(1.0), dtype=spec.dtype, qscheme=spec.qscheme,
+                               quant_min=spec.quant_min, quant_max=spec.quant_max)
+        return int(np.asarray(zp)) == offset
 
 
 def activation_spec(spec: Any) -> Any:
@@ -120,13 +168,15 @@ def _activation_kind(spec: Any) -> tuple[str | None, str]:
 
 def not_converted_reason(site: Site, eqn) -> str:
     """Why ``site`` keeps no integer weight ("" when it has one)."""
-    if site.primitive not in ("dot_general", "conv_general_dilated"):
+    if site.primitive not in WEIGHT_PRIMITIVES:
         return f"{site.primitive}: no integer kernel"
     weights = [op for op in site.operands if op.role == "weight"]
     if not weights:
         return "no weight operand (activation x activation)"
     if len(weights) > 1:
         return "two weight operands"
+    if site.primitive == "gather" and weights[0].index != 0:
+        return "gather: the weight is not the gathered table"
     spec = weights[0].spec
     if not isinstance(spec, QuantizationSpec):
         return "weight not quantized" if spec is None else f"weight spec {type(spec).__name__}"
@@ -144,6 +194,14 @@ def plan_site(site: Site, eqn) -> SitePlan | None:
     w_op = _weight_operand(site)
     inputs = [op for op in site.operands if op.role == "input"]
     x_op = inputs[0] if len(inputs) == 1 else None
+    if site.primitive == "gather":
+        # Weight-only embedding lookup: the integer table is gathered, the gathered rows dequantized.
+        if w_op.spec.block_size or (w_op.spec.per_channel and len(w_op.out_axes) != 1):
+            return None
+        if site.output_spec is not None or any(op.spec is not None for op in inputs):
+            return SitePlan("dequantize", w_op.index, None, "gather", "activation / output quantization (runs "
+                                                                         "as fake quant)")
+        return SitePlan("weight_only", w_op.index, None, "gather")
     if site.primitive == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         contract = tuple(rc if w_op.index == 1 else lc)
@@ -155,7 +213,7 @@ def plan_site(site: Site, eqn) -> SitePlan | None:
     else:
         dn = eqn.params["dimension_numbers"]
         out_axis = dn.rhs_spec[0]
-        if w_op.index != 1 or w_op.spec.block_size or not is_symmetric(w_op.spec.qscheme):
+        if w_op.index != 1 or w_op.spec.block_size:
             return None
         if w_op.spec.per_channel and tuple(w_op.out_axes) != (out_axis,) and w_op.spec.ch_axis in (None,):
             return None
@@ -163,6 +221,10 @@ def plan_site(site: Site, eqn) -> SitePlan | None:
             return None
         layout = "conv"
     kind, why = _activation_kind(x_op.spec) if x_op is not None else (None, "no single activation input")
+    if kind is not None and float_qparams(w_op.spec) and kind != "weight_only":
+        kind, why = None, "float zero points (float qparams weight): no integer kernel"
+    elif kind is not None and layout == "conv" and not stored_symmetric(w_op.spec):
+        kind, why = None, "asymmetric conv weight (dequantized weight, float conv)"
     if site.output_spec is not None and not site.fused and not (kind == "static"
                                                                 and int_domain.integer_spec(site.output_spec)):
         kind, why = None, "output quantization (runs as fake quant)"
@@ -183,7 +245,9 @@ def _plan_reason(site: Site, eqn) -> str:
         if lb or rb:
             return "weight with batch dims"
         return "per-group weight on a non-ascending contraction"
-    return "conv weight layout (per-group, asymmetric or lhs weight)"
+    if site.primitive == "gather":
+        return "gather table qparams per group or over several axes"
+    return "conv weight layout (per-group or lhs weight)"
 
 
 # -- weights ------------------------------------------------------------------------------------------------
@@ -201,8 +265,11 @@ def _qparam_map(layout, values: jnp.ndarray, shape) -> jnp.ndarray:
     return layout.from_view(jnp.broadcast_to(values.reshape(expand), view_shape))
 
 
-def _slot_qparams(slot) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _slot_qparams(slot, keep_float: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(float32 scale, int32 zero point) of a slot; ``keep_float``: float32 zero points of float qparams."""
     scale, zero_point = slots.slot_qparams(slot)
+    if keep_float:
+        return jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.float32)
     # LSQ keeps a float zero point; its forward rounds it half to even.
     return jnp.asarray(scale, jnp.float32), jnp.round(jnp.asarray(zero_point)).astype(jnp.int32)
 
@@ -210,21 +277,29 @@ def _slot_qparams(slot) -> tuple[jnp.ndarray, jnp.ndarray]:
 def quantize_site_weight(site: Site, eqn, plan: SitePlan, w: jnp.ndarray, slot) -> QuantizedWeight:
     """The site's weight operand ``w`` as integers with the site's calibrated weight qparams.
 
-    Dot weights are stored in the canonical ``(K, N)`` layout (contraction x output features), conv kernels in
-    their own layout; both through the kernels' ``quantize_weight`` and ``pack_weight``.
+    Dot weights are stored in the canonical ``(K, N)`` layout (contraction x output features), conv kernels and
+    gather tables in their own layout; all through the kernels' ``quantize_weight`` (and ``pack_weight`` for the
+    native GEMMs). uint8 / uint4 weights are stored as their signed equivalent, float zero points as floats.
     """
     w_op = site.operands[plan.weight_index]
     spec = w_op.spec
     layout = layout_of(site, w_op.key, spec)
-    scale, zero_point = _slot_qparams(slot)
-    symmetric = is_symmetric(spec.qscheme)
+    scale, zero_point = _slot_qparams(slot, keep_float=float_qparams(spec))
+    symmetric = stored_symmetric(spec)
     per_channel = layout.axis is not None
     w = w.astype(jnp.float32)
-    if plan.layout == "conv":
-        out_axis = eqn.params["dimension_numbers"].rhs_spec[0]
-        qw = quantize_weight(w, dtype=spec.dtype, axis=out_axis if per_channel else None, symmetric=True,
-                             scale=scale, contracting_axes=None, quant_min=spec.quant_min,
-                             quant_max=spec.quant_max)
+    if plan.layout in ("conv", "gather"):
+        axis = layout.axis if per_channel else None
+        if plan.layout == "conv" and per_channel:
+            axis = eqn.params["dimension_numbers"].rhs_spec[0]
+        count = () if axis is None else (w.shape[axis],)
+        qw = quantize_weight(w, dtype=spec.dtype, axis=axis, symmetric=symmetric, scale=scale.reshape(count),
+                             zero_point=None if symmetric else zero_point.reshape(count), contracting_axes=None,
+                             quant_min=spec.quant_min, quant_max=spec.quant_max)
+        if plan.layout == "gather":
+            return qw  # int8 values (int4: packed bytes) gathered as they are
+        if plan.kind == "dequantize":
+            return qw
         return pack_conv_weight(qw, eqn.params["dimension_numbers"], keep_values=False)
     (lc, rc), _ = eqn.params["dimension_numbers"]
     contract = tuple(rc if plan.weight_index == 1 else lc)
@@ -248,7 +323,8 @@ def quantize_site_weight(site: Site, eqn, plan: SitePlan, w: jnp.ndarray, slot) 
         contracting_axes=(0,) if plan.kind in ("static", "dynamic") else None,
         quant_max=spec.quant_max,
     )
-    qw = pack_weight(qw, (0,), keep_values=False)
+    if qw.float_zero_point is None:  # float qparams are dequantized: no native packing
+        qw = pack_weight(qw, (0,), keep_values=False)
     if plan.kind in ("weight_only", "dequantize"):
         qw = dataclasses.replace(qw, w_sums=None)  # no activation zero point to correct for
     return qw
@@ -257,7 +333,7 @@ def quantize_site_weight(site: Site, eqn, plan: SitePlan, w: jnp.ndarray, slot) 
 def _original_layout_weight(qw: QuantizedWeight, plan: SitePlan, site: Site, eqn) -> jnp.ndarray:
     """Dequantized weight in the site operand's own layout (for sites that run in float)."""
     w = qw.dequantize()
-    if plan.layout == "conv":
+    if plan.layout in ("conv", "gather"):
         return w
     shape = site.operands[plan.weight_index].shape
     (lc, rc), _ = eqn.params["dimension_numbers"]
@@ -326,6 +402,13 @@ class IntHandler:
                 ref = int_domain.reference(site.name, "output", site.output_spec)
                 outs[0] = self.shadows.set(eqn.outvars[0], int_domain.quantize_value(outs[0], *qp, ref))
             return outs, state
+        if plan.layout == "gather":  # weight-only embedding lookup: gather integers, dequantize the rows
+            p = eqn.params
+            y = quantized_gather(state.weight, invals[1], dimension_numbers=p["dimension_numbers"],
+                                 slice_sizes=p["slice_sizes"], mode=p["mode"], fill_value=p["fill_value"],
+                                 indices_are_sorted=p["indices_are_sorted"], unique_indices=p["unique_indices"],
+                                 dtype=eqn.outvars[0].aval.dtype)
+            return [y], state
         x = invals[plan.input_index]
         x_spec = activation_spec(site.operands[plan.input_index].spec)
         if plan.kind == "static" and self.integer_domain:
@@ -579,6 +662,7 @@ _KERNEL_NAMES = {
     ("weight_only", "dot"): "weight-only dot",
     ("static", "conv"): "int8 W8A8 conv (static)",
     ("dynamic", "conv"): "int8 W8A8 conv (dynamic)",
+    ("weight_only", "gather"): "embedding gather (dequantize rows)",
 }
 
 
@@ -717,7 +801,8 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
             continue
         why = ("also read outside its quantized site (e.g. a tied embedding): kept float" if name in converted_paths
                else "weight of a quantized site without an integer kernel" if name in site_paths
-               else "read by no quantized site (e.g. an embedding gather, or excluded): stays float")
+               else "read by no quantized site (e.g. an embedding gather without a gather Rule, or excluded): "
+                    "stays float")
         nbytes = tree_nbytes(leaf)
         rows.append(SiteReport(f"param {name}", "float", "float (kept)", str(jnp.result_type(leaf)), nbytes, nbytes,
                                why))

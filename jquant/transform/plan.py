@@ -299,6 +299,8 @@ class _Discovery:
             if role == "weight":
                 spec = rule.weight if rule else None
                 out_axes, contract = dataflow.weight_axes(prim, eqn.params, index, len(aval.shape))
+                if prim == "gather" and index == 0:  # an embedding table: per row (the indexed axes), like torch
+                    out_axes = tuple(sorted(eqn.params["dimension_numbers"].start_index_map))
                 k = int(np.prod([aval.shape[a] for a in contract])) if contract else 0
                 if (isinstance(spec, QuantizationSpec) and spec.block_size and contract and k % spec.block_size
                         and rule.weight_fallback is not None):
