@@ -80,7 +80,7 @@ from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.patterns import is_relu
 from jquant.transform.sites import Site, View, path_to_name
-from jquant.transform.specs import QuantizationSpec, SharedQuantizationSpec
+from jquant.transform.specs import DerivedQuantizationSpec, QuantizationSpec, SharedQuantizationSpec
 from jquant.transform.state import unobserved_activations, validate_qstate
 
 DENSE = (((1,), (0,)), ((), ()))
@@ -727,6 +727,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         )
 
     # 3. quantize the weights with the calibrated qparams; keep what the other sites need for eval mode.
+    derives = any(isinstance(spec, DerivedQuantizationSpec) for site in sites.values() for spec in site.specs.values())
     site_states = {}
     for name, site in sites.items():
         sp = plans.get(name)
@@ -737,8 +738,10 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         w_key = site.operands[sp.weight_index].key
         qw = _stacked(lambda w, slot, s=site, p=sp: quantize_site_weight(s, eqns[s.name], p, w, slot),
                       len(site.stack))(captured[name]["w"], qstate[name][w_key])
-        # Every site keeps its qparams for the equations that view it (a fused output, a shared max-pool) and for
-        # specs derived from them (an int32 bias: input scale x weight scale), the weight's included.
+        # Every site keeps its qparams for the equations that view it (a fused output, a shared max-pool); the
+        # weight's only when a derived spec may read them (an int32 bias: input scale x weight scale).
+        if not derives and sp.kind != "dequantize":
+            eval_qparams = {key: qp for key, qp in eval_qparams.items() if key != w_key}
         if sp.kind == "static":
             x_op = site.operands[sp.input_index]
             shared = x_op.spec if isinstance(x_op.spec, SharedQuantizationSpec) else None
