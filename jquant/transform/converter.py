@@ -36,9 +36,17 @@ signature, so one conversion serves every batch size, ``vmap`` and ``jax.export`
 What is fixed at conversion: the weights, the qparams, and the site structure (the function must have the same
 quantized sites at the new shapes).
 
-Sites the kernels do not cover (other primitives, per-channel or float8 activation specs, output specs, ...)
-run as in ``mode="eval"`` (fake quant); their integer weight is still stored as integers and dequantized on
-the fly. ``int_fn.report`` says, per site, which kernel runs and why a site was not converted.
+Integer domain (torch's converted graph): values quantized with a static per-tensor uint8/int8 slot (a site's
+output, a fused pattern's tail, a shared max-pool / reshape / concatenate) also travel as integers
+(``int_domain.QValue``). A static conv / dense whose output is quantized requantizes in its kernel's epilogue
+(bias and ReLU of its fused pattern included: the pattern's bias add is routed here as a ``FusedStep``); the next
+static site reads the integers when they carry its own input qparams; value-preserving views run on integers. The
+float copy of each such value is dead code unless a float op or the output reads it, so XLA keeps 8-bit buffers.
+
+Sites the kernels do not cover (other primitives, per-channel or float8 activation specs, ...) run as in
+``mode="eval"`` (fake quant; a quantized add reads dequantized integers and XLA fuses it into one 8-bit pass);
+their integer weight is still stored as integers and dequantized on the fly. ``int_fn.report`` says, per site,
+which kernel runs and why a site was not converted.
 
 Numerics: the ``eval`` function's up to float rounding of the rescale. Weight qparams of observers that never
 ran are computed from the weights; static activation sites whose observers never ran are an error (calibrate
