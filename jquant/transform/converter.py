@@ -715,13 +715,17 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     # 1. capture the weight operand of every site (stacked for scans) and each site's equation.
     plans: dict[str, SitePlan] = {}
     eqns: dict[str, Any] = {}
-    capture_states = {}
+    capture_shapes = {}
     for site in plan.quantized_sites:
         w_op = _any_weight_operand(site)
-        shape = w_op.shape if w_op is not None else ()
-        capture_states[site.name] = {"w": jnp.zeros((*site.stack, *shape), jnp.float32)}
-    captured = jax.jit(lambda st, fl: interpret(plan, _CaptureWeights(plans, eqns), st, *fl)[1])(
-        capture_states, flat_args)
+        capture_shapes[site.name] = (*site.stack, *(w_op.shape if w_op is not None else ()))
+
+    def capture(fl):
+        # The zero states are made inside the jit: outside, they would hold one more f32 copy of every weight.
+        states = {name: {"w": jnp.zeros(shape, jnp.float32)} for name, shape in capture_shapes.items()}
+        return interpret(plan, _CaptureWeights(plans, eqns), states, *fl)[1]
+
+    captured = jax.jit(capture)(flat_args)
 
     # 2. weight slots whose observers never ran take their qparams from the weights; static activation
     #    slots that never ran cannot be made up.
@@ -737,6 +741,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     # 3. quantize the weights with the calibrated qparams; keep what the other sites need for eval mode.
     derives = any(isinstance(spec, DerivedQuantizationSpec) for site in sites.values() for spec in site.specs.values())
     site_states = {}
+    quantizers: dict = {}
     for name, site in sites.items():
         sp = plans.get(name)
         eval_qparams = {key: slots.slot_qparams(slot) for key, slot in qstate[name].items()}
@@ -744,8 +749,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
             site_states[name] = ConvertedSite(eval=eval_qparams)
             continue
         w_key = site.operands[sp.weight_index].key
-        qw = _stacked(lambda w, slot, s=site, p=sp: quantize_site_weight(s, eqns[s.name], p, w, slot),
-                      len(site.stack))(captured[name]["w"], qstate[name][w_key])
+        qw = _weight_quantizer(site, eqns[name], sp, quantizers)(captured[name]["w"], qstate[name][w_key])
         # Every site keeps its qparams for the equations that view it (a fused output, a shared max-pool); the
         # weight's only when a derived spec may read them (an int32 bias: input scale x weight scale).
         if not derives and sp.kind != "dequantize":
@@ -826,9 +830,31 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     return _with_report(jax.jit(int_fn), report), int_params
 
 
+def _weight_quantizer(site: Site, eqn, plan: SitePlan, cache: dict) -> Callable:
+    """``quantize_site_weight`` for ``site``, jitted once per distinct weight signature (one compilation serves
+    every layer of that shape instead of an eager dispatch per operation)."""
+    w_op = site.operands[plan.weight_index]
+    dn = eqn.params.get("dimension_numbers")
+    key = (w_op.spec, w_op.shape, w_op.dtype, w_op.out_axes, w_op.contract_axes, w_op.role, w_op.key, plan,
+           repr(dn), site.stack, site.output_shape)
+    if key not in cache:
+        cache[key] = jax.jit(_stacked(lambda w, slot: quantize_site_weight(site, eqn, plan, w, slot),
+                                      len(site.stack)))
+    return cache[key]
+
+
+def _weight_observer(spec, layout, depth: int, cache: dict) -> Callable:
+    """The slot observed on the weight, jitted once per (spec, layout, scan depth)."""
+    key = (spec, layout, depth)
+    if key not in cache:
+        cache[key] = jax.jit(_stacked(lambda w, s: slots.observe(spec, layout, s, [w], set_learnable=True), depth))
+    return cache[key]
+
+
 def _fill_unobserved_weights(qstate: dict, sites: dict[str, Site], captured: dict) -> dict:
     """A copy of ``qstate`` where weight slots whose observers never ran hold qparams observed on the weight."""
     filled = {name: dict(site_slots) for name, site_slots in qstate.items()}
+    observers: dict = {}
     for name, site in sites.items():
         for op in site.operands:
             if op.role != "weight" or not stateful(op.spec):
@@ -838,11 +864,7 @@ def _fill_unobserved_weights(qstate: dict, sites: dict[str, Site], captured: dic
             empty = np.asarray(slots.unobserved(op.spec, layout, slot))
             if not empty.any():
                 continue
-
-            def from_weight(w, s, spec=op.spec, layout=layout):
-                return slots.observe(spec, layout, s, [w], set_learnable=True)
-
-            fresh = _stacked(from_weight, len(site.stack))(captured[name]["w"], slot)
+            fresh = _weight_observer(op.spec, layout, len(site.stack), observers)(captured[name]["w"], slot)
             filled[name][op.key] = jax.tree_util.tree_map(
                 lambda new, old, e=empty: jnp.where(jnp.reshape(e, e.shape + (1,) * (jnp.ndim(new) - e.ndim)),
                                                     new, old),
