@@ -84,8 +84,9 @@ def torch_x86(qat: bool = False, exclude: Sequence[str] = ()) -> RuleQuantizer:
     - max-pool, reshape / flatten, transpose, squeeze / expand_dims: the output shares its input's observer
       (which also sees the output); a chain of layout ops counts as one op (NHWC flatten = transpose + reshape);
     - sigmoid (logistic) output: fixed qparams 1/256, zero point 0; tanh: 2/256, zero point 128.
-    Not mirrored: softmax (not one primitive in JAX), standalone ReLU (torch observes it on its own), biases
-    stay float.
+    - softmax: runs in float, its output observed by its consumer's input observer (torch x86 uses a
+      HistogramObserver there too, not fixed qparams: tests/test_torch_x86.py).
+    Not mirrored: standalone ReLU (torch observes it on its own), avg-pool's shared qparams; biases stay float.
     """
     if qat:
         act = QuantizationSpec("uint8", observer="moving_average", observer_kwargs={"reduce_range": True})

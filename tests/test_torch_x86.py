@@ -379,3 +379,40 @@ def test_fused_linear_relu_requantizes_in_one_kernel_call(kernels, rows):
         assert re.search(rf"[us]8\[{hidden}\]", compiled), hidden
         if jquant.kernels.native.use_native_gemm(rows) and kernels == "default":
             assert _hlo_ops(compiled, "custom-call", hidden) == ["u8"], hidden
+
+
+def test_softmax_between_linears_is_observed_and_converted_as_fx_does():
+    """torch's x86 mapping runs softmax in float (dequantize -> softmax -> quantize) with a HistogramObserver on its
+    output, not fixed qparams: jquant observes the same tensor (the next dense's input) with the same range, and the
+    converted function equals convert_fx's."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2 = torch.nn.Linear(8, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.softmax(self.fc(x), dim=-1))
+
+    torch.manual_seed(0)
+    model, x_t = Net().eval(), torch.randn(16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_fx.prepare_fx(model, torch.ao.quantization.get_default_qconfig_mapping("x86"), (x_t,))
+        prepared(x_t)
+        observed = prepared.activation_post_process_2
+        assert type(observed).__name__ == "HistogramObserver"
+        expected = _np(quantize_fx.convert_fx(prepared)(x_t))
+    params = {"w": _np(model.fc.weight).T, "b": _np(model.fc.bias), "w2": _np(model.fc2.weight).T,
+              "b2": _np(model.fc2.bias)}
+    qf = jquant.quantize(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"], axis=-1) @ p["w2"] + p["b2"],
+                         jquant.presets.torch_x86())
+    x = jnp.asarray(_np(x_t))
+    qstate = qf.init(params, x)
+    _, qstate = qf.apply(qstate, params, x, mode="calibrate")
+    second = qstate[qf.sites[1].name]["input"]
+    np.testing.assert_array_equal(np.float32([second.observer.min_val, second.observer.max_val]),
+                                  np.float32([observed.min_val.item(), observed.max_val.item()]))
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
+    step = float(qstate[qf.sites[1].name]["output"].scale)
+    assert np.abs(np.asarray(int_fn(int_params, x)) - expected).max() <= step * 1.001
