@@ -150,10 +150,8 @@ def test_weight_only_auto_no_longer_quantizes_activations():
     assert np.abs(np.asarray(dyn) - ref).max() > 1e-3  # the opt-in dynamic path does round the activations
 
 
-@needs_native
-@pytest.mark.parametrize("groups,strides,padding,dilation", [(1, (1, 1), "SAME", (1, 1)), (1, (2, 2), "VALID", (2, 2)),
-                                                             (2, (1, 2), ((1, 2), (0, 1)), (1, 1))])
-def test_conv_nhwc_matches_xla(groups, strides, padding, dilation, all_native):
+def _conv_case(groups: int):
+    """An NHWC input with its uint8 qparams and an int8 per-channel kernel (packed when ungrouped)."""
     x, w = _normal(2, 9, 10, 6), _normal(3, 3, 6 // groups, 8)
     dn = ("NHWC", "HWIO", "NHWC")
     xs, xz = choose_qparams(x.min(), x.max(), dtype="uint8")
@@ -161,6 +159,14 @@ def test_conv_nhwc_matches_xla(groups, strides, padding, dilation, all_native):
     if groups == 1:
         qw = pack_conv_weight(qw, dn)
         assert qw.kernel_data is not None
+    return x, qw, dn, xs, xz
+
+
+@needs_native
+@pytest.mark.parametrize("groups,strides,padding,dilation", [(1, (1, 1), "SAME", (1, 1)), (1, (2, 2), "VALID", (2, 2)),
+                                                             (2, (1, 2), ((1, 2), (0, 1)), (1, 1))])
+def test_conv_nhwc_matches_xla(groups, strides, padding, dilation, all_native):
+    x, qw, dn, xs, xz = _conv_case(groups)
 
     def f(x, qw):
         return int8_conv(x, qw, strides, padding, None, dilation, dn, groups, act_scale=xs, act_zero_point=xz,
@@ -177,12 +183,7 @@ def test_conv_nhwc_matches_xla(groups, strides, padding, dilation, all_native):
 def test_conv_requantizing_epilogue_matches_xla(groups, out_dtype, all_native):
     """ConvReLU with a float bias, requantized to the next op's integers inside the GEMM (int4: the GEMM writes
     float32, XLA requantizes): the same integers as the XLA path, up to a tie moved by float rounding."""
-    x, w = _normal(2, 9, 10, 6), _normal(3, 3, 6 // groups, 8)
-    dn = ("NHWC", "HWIO", "NHWC")
-    xs, xz = choose_qparams(x.min(), x.max(), dtype="uint8")
-    qw = quantize_weight(w, axis=-1)
-    if groups == 1:
-        qw = pack_conv_weight(qw, dn)
+    x, qw, dn, xs, xz = _conv_case(groups)
 
     def f(x, qw):
         return int8_conv(x, qw, (1, 1), "SAME", None, None, dn, groups, act_scale=xs, act_zero_point=xz,

@@ -396,7 +396,7 @@ class IntHandler:
             return self._fused_step(eqn, invals), state
         if isinstance(site, View):
             return self._view(site, eqn, invals, state, scope), state
-        plan = self.plans.get(site.name) if isinstance(site, Site) else None
+        plan = self.plans.get(site.name)
         if plan is None or plan.kind == "dequantize":
             # Fake quant with the stored qparams: sites without an integer kernel (a quantized add: its inputs
             # are dequantized integers, XLA fuses the whole add into one pass over 8-bit buffers) and sites whose

@@ -49,6 +49,8 @@ from jquant.transform.specs import (
     Rule,
     Spec,
     _check_spec,
+    checked_inputs,
+    input_spec_at,
     normalize_config,
 )
 
@@ -79,17 +81,10 @@ class Annotation:
     def __post_init__(self) -> None:
         _check_spec("weight", self.weight)
         _check_spec("output", self.output)
-        if isinstance(self.inputs, list | tuple):
-            object.__setattr__(self, "inputs", tuple(self.inputs))
-            for i, spec in enumerate(self.inputs):
-                _check_spec(f"inputs[{i}]", spec)
-        else:
-            _check_spec("inputs", self.inputs)
+        object.__setattr__(self, "inputs", checked_inputs(self.inputs))
 
     def input_spec(self, position: int) -> Spec:
-        if isinstance(self.inputs, tuple):
-            return self.inputs[position] if position < len(self.inputs) else None
-        return self.inputs
+        return input_spec_at(self.inputs, position)
 
     def describe(self) -> str:
         return f"Annotation(weight={self.weight}, inputs={self.inputs}, output={self.output})"

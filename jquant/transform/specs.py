@@ -162,6 +162,24 @@ def _check_spec(name: str, spec: Any) -> None:
         raise TypeError(f"{name}: expected a QuantizationSpec-like spec or None, got {type(spec).__name__}")
 
 
+def checked_inputs(inputs: Any) -> Any:
+    """``inputs`` of a Rule / Annotation validated: one spec for every activation operand, or a tuple, one each."""
+    if isinstance(inputs, list | tuple):
+        inputs = tuple(inputs)
+        for i, spec in enumerate(inputs):
+            _check_spec(f"inputs[{i}]", spec)
+    else:
+        _check_spec("inputs", inputs)
+    return inputs
+
+
+def input_spec_at(inputs: Any, position: int) -> Spec:
+    """The spec of the ``position``-th activation operand (None past the end of a tuple)."""
+    if isinstance(inputs, tuple):
+        return inputs[position] if position < len(inputs) else None
+    return inputs
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One config entry. A site takes the specs of the FIRST rule that matches it.
@@ -199,12 +217,7 @@ class Rule:
         _check_spec("weight", self.weight)
         _check_spec("output", self.output)
         _check_spec("weight_fallback", self.weight_fallback)
-        if isinstance(self.inputs, list | tuple):
-            object.__setattr__(self, "inputs", tuple(self.inputs))
-            for i, spec in enumerate(self.inputs):
-                _check_spec(f"inputs[{i}]", spec)
-        else:
-            _check_spec("inputs", self.inputs)
+        object.__setattr__(self, "inputs", checked_inputs(self.inputs))
 
     def matches(self, site_name: str, primitive: str) -> bool:
         if primitive not in self.primitives:
@@ -213,9 +226,7 @@ class Rule:
 
     def input_spec(self, position: int) -> Spec:
         """Spec for the ``position``-th activation operand of a site."""
-        if isinstance(self.inputs, tuple):
-            return self.inputs[position] if position < len(self.inputs) else None
-        return self.inputs
+        return input_spec_at(self.inputs, position)
 
     def describe(self) -> str:
         return f"Rule(pattern={self.pattern!r}, primitives={self.primitives})"
