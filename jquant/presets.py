@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jquant.transform.patterns import AVERAGE_SUMS
 from jquant.transform.quantizer import VALUE_PRESERVING, RuleQuantizer
 from jquant.transform.specs import FixedQParamsSpec, QuantizationSpec, Rule
 
@@ -68,7 +69,7 @@ def fp8(dtype: str = "float8_e4m3fn", exclude: Sequence[str] = ()) -> tuple[Rule
 
 
 
-def torch_x86(qat: bool = False, exclude: Sequence[str] = ()) -> RuleQuantizer:
+def torch_x86(qat: bool = False, exclude: Sequence[str] = (), fixed_softmax: bool = False) -> RuleQuantizer:
     """torch FX's x86 backend: ``get_default_qconfig_mapping("x86")`` (``qat=True``:
     ``get_default_qat_qconfig_mapping("x86")``) with its fusions and qparam sharing, as ``prepare_fx`` places them.
 
@@ -81,12 +82,17 @@ def torch_x86(qat: bool = False, exclude: Sequence[str] = ()) -> RuleQuantizer:
       one site observed after the ReLU; the graph input is observed by its first consumer;
     - add: quantized add with its own output observer, inputs keep their producers' qparams;
     - concatenate: inputs and output share the first input's observer;
-    - max-pool, reshape / flatten, transpose, squeeze / expand_dims: the output shares its input's observer
-      (which also sees the output); a chain of layout ops counts as one op (NHWC flatten = transpose + reshape);
-    - sigmoid (logistic) output: fixed qparams 1/256, zero point 0; tanh: 2/256, zero point 128.
-    - softmax: runs in float, its output observed by its consumer's input observer (torch x86 uses a
-      HistogramObserver there too, not fixed qparams: tests/test_torch_x86.py).
-    Not mirrored: standalone ReLU (torch observes it on its own), avg-pool's shared qparams; biases stay float.
+    - max-pool, average pool / mean (a ``reduce_window_sum`` / ``reduce_sum`` divided by a constant count, as
+      ``nn.avg_pool`` and ``jnp.mean`` trace), reshape / flatten, transpose, squeeze / expand_dims: the output
+      shares its input's observer (which also sees the output); a chain of layout ops counts as one op (NHWC
+      flatten = transpose + reshape); converted, an average runs on the integers and rounds as torch's quantized
+      ``avg_pool2d`` / ``mean`` (``adaptive_avg_pool2d`` rounds the raw sum: it can differ by one step at ties);
+    - sigmoid (logistic) output: fixed qparams 1/256, zero point 0; tanh: 2/256, zero point 128; their consumers
+      use those qparams (no observer of their own), as in torch;
+    - softmax: runs in float, its output observed by its consumer's input observer, as torch does for
+      ``torch.softmax`` / ``F.softmax`` (a HistogramObserver); ``fixed_softmax=True`` mirrors an ``nn.Softmax``
+      module instead, which torch's mapping gives fixed qparams 1/256, zero point 0.
+    Not mirrored: standalone ReLU (torch observes it on its own); biases stay float.
     """
     if qat:
         act = QuantizationSpec("uint8", observer="moving_average", observer_kwargs={"reduce_range": True})
@@ -101,7 +107,10 @@ def torch_x86(qat: bool = False, exclude: Sequence[str] = ()) -> RuleQuantizer:
         Rule(primitives=("logistic",), output=FixedQParamsSpec(1 / 256, 0, "uint8")),
         Rule(primitives=("tanh",), output=FixedQParamsSpec(2 / 256, 128, "uint8")),
     )
+    if fixed_softmax:
+        backend += (Rule(primitives=("softmax",), output=FixedQParamsSpec(1 / 256, 0, "uint8")),)
     return RuleQuantizer(
-        _excluded(exclude) + backend, fold_batchnorm=True, fuse=True, share_through=VALUE_PRESERVING,
+        _excluded(exclude) + backend, fold_batchnorm=True, fuse=True,
+        share_through=VALUE_PRESERVING | frozenset(AVERAGE_SUMS),
         share_concatenate=True, optional=backend,
     )

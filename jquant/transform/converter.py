@@ -69,6 +69,7 @@ from jquant.kernels.conv import dynamic_int8_conv, int8_conv, pack_conv_weight
 from jquant.kernels.dot import DotLayout, dynamic_int8_dot_general, int8_dot_general, weight_only_dot_general
 from jquant.kernels.embedding import quantized_gather
 from jquant.kernels.native import backend
+from jquant.kernels.pooling import quantized_average
 from jquant.kernels.weights import (
     QuantizedWeight,
     canonical_matrix,
@@ -88,7 +89,12 @@ from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
 from jquant.transform.patterns import is_relu
 from jquant.transform.sites import Site, View, path_to_name
-from jquant.transform.specs import DerivedQuantizationSpec, QuantizationSpec, SharedQuantizationSpec
+from jquant.transform.specs import (
+    DerivedQuantizationSpec,
+    FixedQParamsSpec,
+    QuantizationSpec,
+    SharedQuantizationSpec,
+)
 from jquant.transform.state import unobserved_activations, validate_qstate
 
 DENSE = (((1,), (0,)), ((), ()))
@@ -165,6 +171,8 @@ def _activation_kind(spec: Any) -> tuple[str | None, str]:
     spec = activation_spec(spec)
     if spec is None:
         return "weight_only", ""
+    if isinstance(spec, FixedQParamsSpec) and spec.dtype in ("int8", "uint8"):
+        return "static", ""  # constant qparams (the output of a sigmoid before this site)
     if not isinstance(spec, QuantizationSpec):
         return None, f"activation spec {type(spec).__name__}"
     if spec.dtype not in ("int8", "uint8"):
@@ -280,6 +288,11 @@ def _slot_qparams(slot, keep_float: bool = False) -> tuple[jnp.ndarray, jnp.ndar
         return jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.float32)
     # LSQ keeps a float zero point; its forward rounds it half to even.
     return jnp.asarray(scale, jnp.float32), jnp.round(jnp.asarray(zero_point)).astype(jnp.int32)
+
+
+def _fixed_qparams(spec: FixedQParamsSpec, stack: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Constant qparams as a slot's would be stored (one per iteration of the enclosing scans)."""
+    return (jnp.full(stack, spec.scale, jnp.float32), jnp.full(stack, int(spec.zero_point), jnp.int32))
 
 
 def quantize_site_weight(site: Site, eqn, plan: SitePlan, w: jnp.ndarray, slot) -> QuantizedWeight:
@@ -503,6 +516,10 @@ class IntHandler:
                 return [fused]
         scale, zero_point = state.eval[view.key]
         ref = int_domain.reference(view.name, view.key, view.spec)
+        if view.primitive in ("avg_pool", "mean"):
+            average = self._average(eqn, invals, ref)
+            if average is not None:
+                return [self.shadows.set(eqn.outvars[0], average)]
         if eqn.primitive.name in int_domain.INTEGER_OPS:
             ints = []
             for i, (var, x) in enumerate(zip(eqn.invars, invals, strict=True)):
@@ -517,6 +534,16 @@ class IntHandler:
         outs, _ = self.eval(view, eqn, invals, _eval_slots(state.eval), _EvalScope(scope))
         outs[0] = self.shadows.set(eqn.outvars[0], int_domain.quantize_value(outs[0], scale, zero_point, ref))
         return outs
+
+    def _average(self, eqn, invals: list, ref: QParamsRef) -> QValue | None:
+        """An average pool / mean (``div`` of a sum by its counts) on the integers of the summed value, rounded
+        as torch's quantized avg_pool2d / mean; None when that value has no integers with ``ref``'s qparams."""
+        sum_eqn = self.producers.get(eqn.invars[0])
+        given = None if sum_eqn is None else self.shadows.get(sum_eqn.invars[0], ref)
+        if given is None:
+            return None
+        q = quantized_average(given.q, given.zero_point, invals[1], sum_eqn.primitive.name, sum_eqn.params)
+        return QValue(q, given.scale, given.zero_point, ref)
 
     def _out_kwargs(self, out) -> dict:
         if out is None:
@@ -757,8 +784,11 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
         if sp.kind == "static":
             x_op = site.operands[sp.input_index]
             shared = x_op.spec if isinstance(x_op.spec, SharedQuantizationSpec) else None
-            x_slot = qstate[shared.site][shared.target] if shared is not None else qstate[name][x_op.key]
-            scale, zp = _stacked(_slot_qparams, len(site.stack))(x_slot)
+            if isinstance(x_op.spec, FixedQParamsSpec):
+                scale, zp = _fixed_qparams(x_op.spec, site.stack)
+            else:
+                x_slot = qstate[shared.site][shared.target] if shared is not None else qstate[name][x_op.key]
+                scale, zp = _stacked(_slot_qparams, len(site.stack))(x_slot)
             site_states[name] = ConvertedSite(weight=qw, input=StaticInput(scale, zp, reciprocal(scale)),
                                               eval=eval_qparams)
         else:

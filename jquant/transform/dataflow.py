@@ -40,6 +40,9 @@ PASSTHROUGH = frozenset(
 )
 
 
+# Reductions whose output is a constant when their operands are (the window counts of an average pool).
+REDUCTIONS = frozenset({"reduce_sum", "reduce_window_sum", "reduce_max", "reduce_min"})
+
 # Elementwise primitives through which a value computed only from weights (and constants) stays a weight.
 ELEMENTWISE = frozenset(
     {
@@ -59,6 +62,9 @@ class VarInfo:
     # (site name, role key) of the slot whose qparams this value is already quantized with (implicit sharing;
     # only set when the quantizer shares qparams between equations).
     qparams_of: tuple[str, str] | None = None
+    # The same slot for the sum of such a value (a reduce_window_sum / reduce_sum whose only consumer divides it
+    # by a constant: an average pool or mean, which torch runs with its input's qparams).
+    summed_from: tuple[str, str] | None = None
 
 
 ACTIVATION = VarInfo()
@@ -81,7 +87,7 @@ def passthrough_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
 def derived_weight_info(primitive: str, infos: list[VarInfo]) -> VarInfo | None:
     """The output info of elementwise arithmetic on weights and constants only (else None); layout and
     elementwise equations on constants only give constants (``jnp.ones_like(w)``, ``jnp.zeros(n)``)."""
-    if primitive not in ELEMENTWISE and primitive not in PASSTHROUGH:
+    if primitive not in ELEMENTWISE and primitive not in PASSTHROUGH and primitive not in REDUCTIONS:
         return None
     if infos and all(i.constant for i in infos):
         return CONSTANT

@@ -6,6 +6,9 @@ last equation of its pattern, whose output the site's output spec observes. Patt
 - dot / conv -> bias add -> ReLU          LinearReLU / ConvReLU2d (bias and ReLU optional)
 - add -> ReLU                             add_relu
 - conv / dot -> BatchNorm (inference)     folded into the kernel before discovery (``fold_bn.py``)
+- reduce_window_sum / reduce_sum -> div   avg_pool2d / mean (a constant divisor: the window size or the
+                                          per-position counts); shares its input's qparams where the
+                                          quantizer shares through the sum primitive
 
 An equation joins a pattern only when it is the single consumer of the current tail's output; a bias add
 is an ``add`` whose other operand holds weights or constants only. ReLU is ``jax.nn.relu`` (a custom_jvp
@@ -27,6 +30,10 @@ BIASED = frozenset({"dot_general", "conv_general_dilated"})
 ANCHORS = BIASED | {"add"}
 # Layout-only primitives: a chain of them is one torch op (``flatten`` == transpose + reshape in NHWC code).
 LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims"})
+
+
+# Sums that, divided by a constant, are torch's average pool (``reduce_window_sum``) or mean (``reduce_sum``).
+AVERAGE_SUMS = {"reduce_window_sum": "avg_pool", "reduce_sum": "mean"}
 
 
 def use_counts(jaxpr: Jaxpr) -> Counter:
@@ -114,3 +121,54 @@ def chain_end(eqn, by_var_consumers: dict, share_through: frozenset[str]) -> boo
         return True
     users = by_var_consumers.get(eqn.outvars[0], [])
     return not (len(users) == 1 and users[0].primitive.name in LAYOUT and users[0].primitive.name in share_through)
+
+
+def average_divide(eqn, by_var_consumers: dict):
+    """The ``div`` that makes the sum ``eqn`` an average (its only consumer, dividing it), or None."""
+    if eqn.primitive.name not in AVERAGE_SUMS or len(eqn.outvars) != 1:
+        return None
+    users = by_var_consumers.get(eqn.outvars[0], [])
+    if len(users) != 1 or users[0].primitive.name != "div" or users[0].invars[0] is not eqn.outvars[0]:
+        return None
+    return users[0]
+
+
+# Equations a softmax's max / sum pass through on their way back to the input's shape.
+_BROADCASTS = frozenset({"broadcast_in_dim", "reshape", "expand_dims", "stop_gradient"})
+
+
+def _through(var, producers: dict, skip: frozenset):
+    """The equation producing ``var``, looking through ``skip`` primitives (and ``max(-inf, m)``)."""
+    while True:
+        eqn = producers.get(var)
+        if eqn is None:
+            return None
+        name = eqn.primitive.name
+        if name in skip:
+            var = eqn.invars[0]
+        elif name == "max" and len(eqn.invars) == 2 and isinstance(eqn.invars[0], Literal):
+            var = eqn.invars[1]  # jax.nn.softmax guards an all -inf row: max(-inf, reduce_max(x))
+        else:
+            return eqn
+
+
+def softmax_input(eqn, producers: dict):
+    """The input ``x`` when ``eqn`` is the ``div`` ending a softmax ``exp(x - max(x)) / sum(exp(x - max(x)))``
+    (``jax.nn.softmax`` as it traces), else None. ``producers``: ``{var: eqn}`` of the enclosing jaxpr."""
+    if eqn.primitive.name != "div" or any(isinstance(v, Literal) for v in eqn.invars):
+        return None
+    numerator, denominator = eqn.invars
+    exp = producers.get(numerator)
+    total = _through(denominator, producers, _BROADCASTS)
+    if exp is None or exp.primitive.name != "exp" or total is None or total.primitive.name != "reduce_sum":
+        return None
+    if total.invars[0] is not numerator:
+        return None
+    shifted = producers.get(exp.invars[0])
+    if shifted is None or shifted.primitive.name != "sub" or isinstance(shifted.invars[1], Literal):
+        return None
+    x = shifted.invars[0]
+    peak = _through(shifted.invars[1], producers, _BROADCASTS)
+    if peak is None or peak.primitive.name != "reduce_max" or peak.invars[0] is not x:
+        return None
+    return x

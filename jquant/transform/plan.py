@@ -22,6 +22,7 @@ from jquant.transform.quantizer import Candidate, Quantizer, RuleQuantizer, as_q
 from jquant.transform.sites import Namer, Operand, Site, View, clean_name_stack, role_keys, site_base_name
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
+    FixedQParamsSpec,
     QuantizationSpec,
     Rule,
     SharedQuantizationSpec,
@@ -70,6 +71,10 @@ def _static_per_tensor(spec) -> bool:
     return isinstance(spec, QuantizationSpec) and not spec.is_dynamic and not spec.per_channel
 
 
+def _fixed(spec) -> bool:
+    return isinstance(spec, FixedQParamsSpec)
+
+
 class _Discovery:
     def __init__(self, quantizer: Quantizer):
         self.quantizer = quantizer
@@ -87,6 +92,7 @@ class _Discovery:
         self.output_var: dict[str, object] = {}  # site name -> the variable its output spec observes
         self.dropped: set[str] = set()  # sites whose output joined another observer (a concatenate group)
         self.use_counts: dict = {}
+        self.average_kind: dict = {}  # sum variable -> "avg_pool" / "mean" (its div shares the summed slot)
 
     # -- walking -------------------------------------------------------------------------------------------
     def walk(self, jaxpr: Jaxpr, in_infos, ctx: Scope):
@@ -100,9 +106,13 @@ class _Discovery:
             self.use_counts.update(uses)
         users = patterns.consumers(jaxpr) if graph else None
         open_patterns: dict = {}  # tail output variable -> OpenPattern
+        # A softmax is five equations in a jaxpr: its last (the div) is the site when a rule names "softmax".
+        producers = {v: e for e in jaxpr.eqns for v in e.outvars} if "softmax" in self.candidates else None
         for eqn in jaxpr.eqns:
             infos = [dataflow.read_info(env, v) for v in eqn.invars]
             name = eqn.primitive.name
+            if producers is not None and patterns.softmax_input(eqn, producers) is not None:
+                name = "softmax"
             out_infos = [ACTIVATION] * len(eqn.outvars)
             if open_patterns and self._extend(eqn, infos, open_patterns, uses, env):
                 continue
@@ -119,7 +129,7 @@ class _Discovery:
             elif shared is not None:
                 out_infos = [shared] * len(eqn.outvars)
             elif name in self.candidates:
-                site = self.make_site(eqn, infos, ctx)
+                site = self.make_site(eqn, infos, ctx, name)
                 if site.quantized:
                     names.append(site.name)
                     out_infos = [VarInfo(producer=site.name)] * len(eqn.outvars)
@@ -151,7 +161,7 @@ class _Discovery:
             open_patterns[eqn.outvars[0]] = patterns.OpenPattern(site.name, site.primitive, eqn)
             return info
         self.output_var[site.name] = eqn.outvars[0]
-        if self.quantizer.shares and _static_per_tensor(site.output_spec):
+        if self.quantizer.shares and (_static_per_tensor(site.output_spec) or _fixed(site.output_spec)):
             return VarInfo(producer=site.name, qparams_of=(site.name, "output"))
         return info
 
@@ -188,14 +198,26 @@ class _Discovery:
         """Output info of a value-preserving op on a quantized value (a view of its owner), else None."""
         prim = eqn.primitive.name
         source = infos[0].qparams_of if infos else None
+        if source is not None and _fixed(self._slot_spec(source)):
+            # Constant qparams (a sigmoid's): value-preserving ops keep them, nothing observes; other ops
+            # (a cat, an average) take their own specs.
+            keeps = prim in self.quantizer.share_through and prim not in patterns.AVERAGE_SUMS
+            return VarInfo(qparams_of=source) if keeps and len(eqn.outvars) == 1 else None
         if prim == "concatenate" and self.quantizer.share_concatenate and source is not None:
             return self._concatenate_view(eqn, infos, source, ctx)
+        if prim in patterns.AVERAGE_SUMS:
+            if source is None or prim not in self.quantizer.share_through or not patterns.average_divide(eqn, users):
+                return None
+            self.average_kind[eqn.outvars[0]] = patterns.AVERAGE_SUMS[prim]
+            return VarInfo(summed_from=source)
+        if prim == "div" and infos[0].summed_from is not None and infos[1].constant:
+            source = infos[0].summed_from
+            self._view(eqn, View(source[0], source[1], self._slot_spec(source), self.average_kind[eqn.invars[0]]))
+            return VarInfo(qparams_of=source)
         if source is None or prim not in self.quantizer.share_through or len(eqn.outvars) != 1:
             return None
         if patterns.chain_end(eqn, users, self.quantizer.share_through):
-            owner = self._site(source[0])
-            spec = owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
-            self._view(eqn, View(source[0], source[1], spec, prim))
+            self._view(eqn, View(source[0], source[1], self._slot_spec(source), prim))
         return VarInfo(qparams_of=source)
 
     def _concatenate_view(self, eqn, infos, source, ctx: Scope) -> VarInfo | None:
@@ -207,10 +229,8 @@ class _Discovery:
         annotation = self.quantizer.annotate(candidate)
         if annotation is None or annotation.output is None:
             return None
-        owner = self._site(source[0])
-        spec = owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
         observe = self._join_group(eqn, infos, skip=source)
-        self._view(eqn, View(source[0], source[1], spec, "concatenate", inputs=tuple(observe)))
+        self._view(eqn, View(source[0], source[1], self._slot_spec(source), "concatenate", inputs=tuple(observe)))
         return VarInfo(qparams_of=source)
 
     def _join_group(self, eqn, infos, skip) -> list[int]:
@@ -237,6 +257,11 @@ class _Discovery:
 
     def _site(self, name: str) -> Site:
         return next(s for s in reversed(self.sites) if s.name == name)
+
+    def _slot_spec(self, source: tuple[str, str]):
+        """The spec of slot ``(site name, role key)``."""
+        owner = self._site(source[0])
+        return owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
 
     def finish(self) -> None:
         """Apply what the graph options decided to the site records (fused tails, dropped outputs)."""
@@ -269,11 +294,16 @@ class _Discovery:
         return rule.discover(self, eqn, infos, ctx.enter(name=clean_name_stack(str(eqn.source_info.name_stack))))
 
     # -- sites ---------------------------------------------------------------------------------------------
-    def candidate(self, eqn, infos, ctx: Scope, peek: bool = False) -> tuple[Candidate, list[int]]:
-        """The site candidate of ``eqn`` (taking its name unless ``peek``) and its floating-point positions."""
-        prim = eqn.primitive.name
+    def candidate(
+        self, eqn, infos, ctx: Scope, peek: bool = False, primitive: str | None = None
+    ) -> tuple[Candidate, list[int]]:
+        """The site candidate of ``eqn`` (taking its name unless ``peek``) and its floating-point positions
+        (``primitive``: the site's primitive when a pattern names it, e.g. "softmax" for its last ``div``)."""
+        prim = primitive or eqn.primitive.name
         name_stack = ctx.enter(name=clean_name_stack(str(eqn.source_info.name_stack))).prefix
         positions = [i for i, v in enumerate(eqn.invars) if not isinstance(v, Literal) and _is_float(v.aval)]
+        if prim == "softmax":  # the div's operands are softmax internals: only its output can be quantized
+            positions = []
         roles = tuple("weight" if infos[i].param_path is not None else "input" for i in positions)
         weight_path = next((infos[i].param_path for i in positions if infos[i].param_path is not None), None)
         base = site_base_name(name_stack, weight_path, prim)
@@ -281,11 +311,16 @@ class _Discovery:
         shapes = tuple(tuple(eqn.invars[i].aval.shape) for i in positions)
         return Candidate(name, prim, roles, shapes, tuple(infos[i].param_path for i in positions)), positions
 
-    def make_site(self, eqn, infos, ctx: Scope) -> Site:
-        prim = eqn.primitive.name
-        candidate, positions = self.candidate(eqn, infos, ctx)
+    def make_site(self, eqn, infos, ctx: Scope, primitive: str | None = None) -> Site:
+        prim = primitive or eqn.primitive.name
+        candidate, positions = self.candidate(eqn, infos, ctx, primitive=prim)
         site_name, roles = candidate.name, list(candidate.roles)
         rule = self.quantizer.annotate(candidate)
+        if prim == "softmax" and rule is not None and (rule.weight is not None or rule.inputs is not None):
+            raise ValueError(
+                f"site {site_name!r} (softmax): only an output spec applies; its input is read by the max and the "
+                "subtraction inside the softmax. Quantize that input at its producer's output instead."
+            )
         cat_group = (
             self.quantizer.share_concatenate and prim == "concatenate" and rule is not None
             and _static_per_tensor(rule.output)
@@ -316,10 +351,10 @@ class _Discovery:
                 if index in joining:  # a cat group owned by this site: observed before the output
                     spec = SharedQuantizationSpec("output")
                 elif source is not None and isinstance(spec, QuantizationSpec) and not spec.is_dynamic:
-                    # Already quantized by an earlier site: reuse its qparams (no observer of its own).
-                    owner = self._site(source[0])
-                    target = owner.output_spec if source[1] == "output" else owner.operand(source[1]).spec
-                    spec = SharedQuantizationSpec(source[1], site=source[0], spec=target)
+                    # Already quantized by an earlier site: reuse its qparams (no observer of its own); constant
+                    # qparams (a sigmoid's output) are simply this operand's too.
+                    target = self._slot_spec(source)
+                    spec = target if _fixed(target) else SharedQuantizationSpec(source[1], site=source[0], spec=target)
             if isinstance(spec, QuantizationSpec) and spec.ch_axis is not None:
                 out_axes = (spec.ch_axis % max(len(aval.shape), 1),)
             operands.append(

@@ -187,7 +187,8 @@ class Rule:
     Args:
       pattern: regular expression searched (``re.search``) in the site name; None matches every name.
       primitives: primitive names this rule applies to (default: dot_general and conv_general_dilated).
-        Naming another primitive (e.g. "add", "concatenate", "logistic") makes its equations sites.
+        Naming another primitive (e.g. "add", "concatenate", "logistic") makes its equations sites; "softmax"
+        names the last equation of each ``jax.nn.softmax`` (its output only: the spec goes in ``output``).
       weight: spec for operands that come from the weights argument.
       inputs: spec for activation operands: one spec for all, or a tuple with one spec per activation operand.
       output: spec for the site's output (optional).

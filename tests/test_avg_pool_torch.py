@@ -1,0 +1,200 @@
+"""Average pooling and means on quantized values against torch: the integer kernel bit for bit against torch's
+quantized ``avg_pool2d`` / ``mean``, and ``torch_x86()`` on a CNN with average pools and a global mean against
+torch FX (observer sharing, reference model, ``convert_fx``)."""
+
+import functools
+import re
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jquant
+from jquant.kernels.pooling import quantized_average
+
+torch = pytest.importorskip("torch")
+quantize_fx = pytest.importorskip("torch.ao.quantization.quantize_fx")
+
+
+def _np(t):
+    return t.detach().numpy().astype(np.float32)
+
+
+def _quantized(shape, zero_point, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    low, high = (0, 256) if dtype == torch.quint8 else (-128, 128)
+    raw = torch.randint(low, high, shape, generator=gen, dtype=torch.int32)
+    raw = raw.to(torch.uint8 if dtype == torch.quint8 else torch.int8)
+    return torch._make_per_tensor_quantized_tensor(raw, 0.1, zero_point), raw.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["quint8", "qint8"])
+@pytest.mark.parametrize(
+    "window, stride, padding, count_include_pad",
+    [(2, 2, 0, True), (3, 2, 1, True), (3, 2, 1, False), (3, 1, 1, False), (2, 3, 1, False), (4, 4, 0, True)],
+)
+def test_quantized_avg_pool_is_torch_bit_for_bit(dtype, window, stride, padding, count_include_pad):
+    """Divisors 4 / 6 / 9 / 16 and zero points whose ties the float rounding decides (6 is where an FMA would
+    round differently: 0.01% of all sums). Compiled, as a converted function runs it (XLA may contract)."""
+    torch_dtype = getattr(torch, dtype)
+    for zero_point in ((0, 3, 128, 77) if dtype == "quint8" else (0, -5, 40)):
+        x, raw = _quantized((4, 8, 12, 12), zero_point, torch_dtype, seed=zero_point + 7)
+        want = torch.nn.functional.avg_pool2d(x, window, stride, padding, count_include_pad=count_include_pad)
+        want = want.int_repr().numpy().transpose(0, 2, 3, 1)
+        pads = ((padding, padding), (padding, padding))
+        pool = lambda v, pads=pads: nn.avg_pool(v, (window, window), (stride, stride), pads,  # noqa: E731
+                                                count_include_pad=count_include_pad)
+        q = jnp.asarray(raw.transpose(0, 2, 3, 1))
+        jaxpr = jax.make_jaxpr(pool)(q.astype(jnp.float32)).jaxpr
+        sum_eqn, div_eqn = jaxpr.eqns[0], jaxpr.eqns[-1]
+        assert (sum_eqn.primitive.name, div_eqn.primitive.name) == ("reduce_window_sum", "div")
+        # count_include_pad=False divides by the per-position counts (what the traced function computes).
+        counts = pool(jnp.ones((1, 12, 12, 1))) * 0 + lax.reduce_window(
+            jnp.ones((1, 12, 12, 1)), 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
+            ((0, 0),) + pads + ((0, 0),))
+        divisor = float(window * window) if count_include_pad else counts
+        average = functools.partial(quantized_average, primitive="reduce_window_sum", params=sum_eqn.params)
+        got = jax.jit(average)(q, zero_point, divisor)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"zero point {zero_point}")
+
+
+@pytest.mark.parametrize("size", [5, 6, 7, 14])
+def test_quantized_mean_is_torch_bit_for_bit(size):
+    for zero_point in (0, 3, 128):
+        x, raw = _quantized((16, 32, size, size), zero_point, torch.quint8, seed=size + zero_point)
+        want = torch.mean(x, (2, 3)).int_repr().numpy()
+        q = jnp.asarray(raw.transpose(0, 2, 3, 1))
+        average = functools.partial(quantized_average, primitive="reduce_sum", params={"axes": (1, 2)})
+        got = jax.jit(average)(q, zero_point, float(size * size))
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"zero point {zero_point}")
+
+
+class TorchPoolNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.pool1 = torch.nn.AvgPool2d(3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.pool2 = torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.fc = torch.nn.Linear(8, 5)
+        self.relu1, self.relu2 = torch.nn.ReLU(), torch.nn.ReLU()
+
+    def forward(self, x):
+        a = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        b = self.pool2(self.relu2(self.conv2(a)))
+        return self.fc(b.mean((2, 3)))
+
+
+class LinenPoolNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a = nn.relu(nn.BatchNorm(use_running_average=True, epsilon=1e-5)(nn.Conv(8, (3, 3), padding=1)(x)))
+        a = nn.avg_pool(a, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        b = nn.relu(nn.Conv(8, (3, 3), padding=1)(a))
+        b = nn.avg_pool(b, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+        return nn.Dense(5)(jnp.mean(b, axis=(1, 2)))
+
+
+def _window_sum(x, window, stride):
+    return lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
+                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def jnp_pool_net(p, x):
+    conv = lambda v, w: lax.conv_general_dilated(v, w, (1, 1), "SAME",  # noqa: E731
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv(x, p["w1"]) + p["b1"]
+    a = jax.nn.relu((y - p["mean"]) * p["gamma"] / jnp.sqrt(p["var"] + 1e-5) + p["beta"])
+    a = _window_sum(a, 3, 2) / 9.0
+    b = jax.nn.relu(conv(a, p["w2"]) + p["b2"])
+    b = _window_sum(b, 3, 1) / _window_sum(jnp.ones((1,) + b.shape[1:3] + (1,)), 3, 1)
+    return b.sum(axis=(1, 2)) / (b.shape[1] * b.shape[2]) @ p["wf"] + p["bf"]
+
+
+@pytest.fixture(scope="module")
+def pool_oracle():
+    torch.manual_seed(3)
+    model = TorchPoolNet().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+        model.bn1.weight.uniform_(0.5, 1.5)
+        model.bn1.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(8, 3, 10, 10)
+    fresh = torch.randn(32, 3, 10, 10) * 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapping = torch.ao.quantization.get_default_qconfig_mapping("x86")
+        prepared = quantize_fx.prepare_fx(model, mapping, (x,))
+        prepared(x)
+        observers = {n: m for n, m in prepared._modules.items() if n.startswith("activation_post_process")}
+        reference = _np(quantize_fx.convert_to_reference_fx(prepared)(x))
+        converted = quantize_fx.convert_fx(prepared)
+        int8 = {"calibration": (x, _np(converted(x))), "fresh": (fresh, _np(converted(fresh)))}
+    return model, x, observers, reference, int8
+
+
+def _params(model, variant):
+    w = lambda conv: _np(conv.weight).transpose(2, 3, 1, 0)  # noqa: E731  OIHW -> HWIO
+    bn = model.bn1
+    if variant == "jnp":
+        return jnp_pool_net, {
+            "w1": w(model.conv1), "b1": _np(model.conv1.bias), "w2": w(model.conv2), "b2": _np(model.conv2.bias),
+            "mean": _np(bn.running_mean), "var": _np(bn.running_var), "gamma": _np(bn.weight),
+            "beta": _np(bn.bias), "wf": _np(model.fc.weight).T, "bf": _np(model.fc.bias),
+        }
+    variables = {
+        "params": {
+            "Conv_0": {"kernel": w(model.conv1), "bias": _np(model.conv1.bias)},
+            "BatchNorm_0": {"scale": _np(bn.weight), "bias": _np(bn.bias)},
+            "Conv_1": {"kernel": w(model.conv2), "bias": _np(model.conv2.bias)},
+            "Dense_0": {"kernel": _np(model.fc.weight).T, "bias": _np(model.fc.bias)},
+        },
+        "batch_stats": {"BatchNorm_0": {"mean": _np(bn.running_mean), "var": _np(bn.running_var)}},
+    }
+    return LinenPoolNet().apply, variables
+
+
+@pytest.mark.parametrize("variant", ["linen", "jnp"])
+def test_torch_x86_average_pools_share_qparams_and_convert_as_fx(pool_oracle, variant):
+    model, x_t, observers, reference, int8 = pool_oracle
+    fn, params = _params(model, variant)
+    x = jnp.asarray(_np(x_t).transpose(0, 2, 3, 1))
+    qf = jquant.quantize(fn, jquant.presets.torch_x86())
+    qstate = qf.init(params, x)
+    _, qstate = qf.apply(qstate, params, x, mode="calibrate")
+    conv1, conv2, fc = qf.sites
+    # FX: x (0), conv1-relu shared with pool1 (1), conv2-relu shared with pool2 and mean (2), fc (3); the next op's
+    # input reuses those qparams, so there is no other activation observer.
+    assert conv2.operands[0].spec.site == conv1.name and fc.operands[0].spec.site == conv2.name
+    pairs = {0: qstate[conv1.name]["input"], 1: qstate[conv1.name]["output"], 2: qstate[conv2.name]["output"],
+             3: qstate[fc.name]["output"]}
+    distinct = list({id(m): m for m in observers.values()}.values())
+    assert len(distinct) == len(pairs)
+    for index, slot in pairs.items():
+        obs = distinct[index]
+        got = np.float32([slot.observer.min_val, slot.observer.max_val])
+        np.testing.assert_allclose(got, np.float32([obs.min_val.item(), obs.max_val.item()]), rtol=1e-6)
+        scale, zero_point = obs.calculate_qparams()
+        assert int(slot.zero_point) == zero_point.item(), index
+        np.testing.assert_allclose(np.float32(slot.scale), np.float32(scale.item()), rtol=1e-6)
+    step = float(qstate[fc.name]["output"].scale)
+    out, _ = qf.apply(qstate, params, x, mode="eval")
+    error = np.abs(np.asarray(out) - reference)
+    assert error.max() <= step * 1.001 and (error <= 1e-5).mean() >= 0.99, error.max() / step
+
+    int_fn, int_params = jquant.convert(qf, qstate, params, x)
+    for batch, (inputs, expected) in int8.items():
+        got = np.asarray(int_fn(int_params, jnp.asarray(_np(inputs).transpose(0, 2, 3, 1))))
+        error = np.abs(got - expected)
+        assert (error <= step * 1.001).mean() >= 0.999, (batch, error.max() / step)
+        assert error.max() <= 3 * step * 1.001, batch
+    # The pools and the mean run on integers: every reduce-window and the mean's reduce in the compiled program
+    # read 32-bit integer sums of 8-bit values, none reads floats.
+    hlo = jax.jit(int_fn).lower(int_params, x).compile().as_text()
+    windows = re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]*\} reduce-window\(", hlo)
+    assert windows and set(windows) <= {"s32"}, windows
