@@ -14,8 +14,9 @@ A record quantizes the output of a graph node when the node is
   ``quantized.add(a, b, _scale_0, _zero_point_0)``).
 
 Consumers are found by walking each op's inputs back through value-preserving ops (relu, reshape, flatten,
-max-pool, dropout, dequantize, ``DeQuantStub``) to the record that quantized them; a ``cat`` with no
-qparams of its own shares its first input's (FX's shared observer).
+max-pool, dropout, dequantize, ``DeQuantStub``) and average pools / mean (which torch runs with their input's
+qparams) to the record that quantized them; a ``cat`` with no qparams of its own shares its first input's (FX's
+shared observer).
 """
 
 from __future__ import annotations
@@ -26,17 +27,21 @@ from typing import Any
 
 from interop.qparams import QParamTable
 
-# value-preserving ops: a quantized value stays on the same grid through them
+# ops whose quantized output keeps its input's qparams: value-preserving ones (the value stays on the same grid)
+# and torch's other share-qparams ops (average pools and mean requantize to their input's grid)
 _PRESERVING = frozenset(
     {
         "relu", "relu_", "flatten", "reshape", "view", "max_pool1d", "max_pool2d", "max_pool3d",
         "adaptive_max_pool1d", "adaptive_max_pool2d", "dequantize", "squeeze", "unsqueeze", "transpose",
         "permute", "contiguous", "dropout", "identity", "detach", "getitem", "t",
+        "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d", "mean",
     }
 )  # fmt: skip
 _PRESERVING_MODULES = (
     "ReLU", "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Flatten", "Unflatten", "MaxPool1d",
     "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "DeQuantStub", "DeQuantize",
+    "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
 )  # fmt: skip
 _SHARED = frozenset({"cat", "concat", "concatenate"})
 _QUANTIZERS = frozenset(

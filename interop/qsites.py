@@ -210,6 +210,10 @@ def link_sites(
         if graph and module is not None:
             torch_op = _op_of(table, module)
             cands = [(m, r) for m, r, rec in records if r == "output" and rec.producer == torch_op]
+            if len(cands) > 1 and _same_qparams([table[m][r] for m, r in cands]):
+                # one shared observer requantizing after share-qparams ops (the reference graph's avg / max pool
+                # re-quantizes with its own copy of the producer's qparams): the module's own record
+                cands = sorted(cands, key=lambda c: c[0] != module)[:1]
             if len(cands) > 1:
                 names = ", ".join(_name(m, r) for m, r in cands)
                 raise InteropError(f"jquant {site.name}/output: ambiguous, torch {torch_op!r} output has {names}")
@@ -244,6 +248,14 @@ def link_sites(
         links = [lk for lk in links if (lk.site, lk.key) != (site_name, key)]
         links.append(SiteLink(mod, role, site_name, key, "override"))
     return links
+
+
+def _same_qparams(recs: list[QParamRecord]) -> bool:
+    first = recs[0]
+    return all(
+        rec.dtype == first.dtype and np.array_equal(rec.scale, first.scale)
+        and np.array_equal(rec.zero_point, first.zero_point) for rec in recs[1:]
+    )
 
 
 def _output_through_inputs(table: QParamTable, records: list, site: Any, producer_op: Any) -> tuple[str, str] | None:

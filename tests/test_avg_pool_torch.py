@@ -2,6 +2,7 @@
 quantized ``avg_pool2d`` / ``mean``, and ``torch_x86()`` on a CNN with average pools and a global mean against
 torch FX (observer sharing, reference model, ``convert_fx``)."""
 
+import copy
 import functools
 import re
 import warnings
@@ -92,11 +93,13 @@ class TorchPoolNet(torch.nn.Module):
 class LinenPoolNet(nn.Module):
     @nn.compact
     def __call__(self, x):
-        a = nn.relu(nn.BatchNorm(use_running_average=True, epsilon=1e-5)(nn.Conv(8, (3, 3), padding=1)(x)))
+        # Named as the torch modules, so that interop links weights by name.
+        bn = nn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn1")
+        a = nn.relu(bn(nn.Conv(8, (3, 3), padding=1, name="conv1")(x)))
         a = nn.avg_pool(a, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-        b = nn.relu(nn.Conv(8, (3, 3), padding=1)(a))
+        b = nn.relu(nn.Conv(8, (3, 3), padding=1, name="conv2")(a))
         b = nn.avg_pool(b, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
-        return nn.Dense(5)(jnp.mean(b, axis=(1, 2)))
+        return nn.Dense(5, name="fc")(jnp.mean(b, axis=(1, 2)))
 
 
 def _window_sum(x, window, stride):
@@ -149,12 +152,12 @@ def _params(model, variant):
         }
     variables = {
         "params": {
-            "Conv_0": {"kernel": w(model.conv1), "bias": _np(model.conv1.bias)},
-            "BatchNorm_0": {"scale": _np(bn.weight), "bias": _np(bn.bias)},
-            "Conv_1": {"kernel": w(model.conv2), "bias": _np(model.conv2.bias)},
-            "Dense_0": {"kernel": _np(model.fc.weight).T, "bias": _np(model.fc.bias)},
+            "conv1": {"kernel": w(model.conv1), "bias": _np(model.conv1.bias)},
+            "bn1": {"scale": _np(bn.weight), "bias": _np(bn.bias)},
+            "conv2": {"kernel": w(model.conv2), "bias": _np(model.conv2.bias)},
+            "fc": {"kernel": _np(model.fc.weight).T, "bias": _np(model.fc.bias)},
         },
-        "batch_stats": {"BatchNorm_0": {"mean": _np(bn.running_mean), "var": _np(bn.running_var)}},
+        "batch_stats": {"bn1": {"mean": _np(bn.running_mean), "var": _np(bn.running_var)}},
     }
     return LinenPoolNet().apply, variables
 
@@ -198,3 +201,65 @@ def test_torch_x86_average_pools_share_qparams_and_convert_as_fx(pool_oracle, va
     hlo = jax.jit(int_fn).lower(int_params, x).compile().as_text()
     windows = re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]*\} reduce-window\(", hlo)
     assert windows and set(windows) <= {"s32"}, windows
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("form", ["reference", "convert_fx"])
+def test_imported_qparams_link_through_average_pools(pool_oracle, form):
+    """``interop.import_qparams`` follows the torch graph through avg_pool2d and mean (torch runs them with their
+    input's qparams): the next conv / linear reads the previous conv's output qparams, and ``eval`` equals torch's
+    reference model."""
+    from interop import import_qparams, link_sites
+
+    model, x_t, _, reference, _ = pool_oracle
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_fx.prepare_fx(copy.deepcopy(model), torch.ao.quantization.get_default_qconfig_mapping(
+            "x86"), (x_t,))
+        prepared(x_t)
+        torch_model = (quantize_fx.convert_to_reference_fx(prepared) if form == "reference"
+                       else quantize_fx.convert_fx(prepared))
+    fn, params = _params(model, "linen")
+    x = jnp.asarray(_np(x_t).transpose(0, 2, 3, 1))
+    qf = jquant.quantize(fn, jquant.presets.torch_x86())
+    qstate0 = qf.init(params, x)
+    state_dict = torch_model.state_dict()
+    links = link_sites(import_qparams(state_dict, model=torch_model), qf.sites, qstate=qstate0)
+    rows = {(link.site.split("/")[1], link.key): (link.torch_module, link.torch_role) for link in links}
+    w = "weight"
+    fused = {"conv1": "conv1.0", "conv2": "conv2.0"} if form == "reference" else {}  # the reference ConvReLU
+    assert rows == {("conv1", "input"): ("conv1", "input"), ("conv1", "output"): ("conv1", "output"),
+                    ("conv2", "output"): ("conv2", "output"), ("fc", "output"): ("fc", "output"),
+                    **{(m, w): (fused.get(m, m), w) for m in ("conv1", "conv2", "fc")}}
+    qstate = import_qparams(state_dict, model=torch_model, qstate=qstate0, sites=qf.sites)
+    fc = qf.sites[-1]
+    out, _ = qf.apply(qstate, params, x, mode="eval")
+    step = float(qstate[fc.name]["output"].scale)
+    error = np.abs(np.asarray(out) - reference)
+    assert error.max() <= step * 1.001 and (error <= 1e-5).mean() >= 0.99, error.max() / step
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_input_observers_link_through_average_pools_of_a_converted_model(pool_oracle):
+    """A config with an input observer per conv / linear (no sharing): each input links to the torch record that
+    quantized the value before the pool / mean (in ``convert_fx``'s graph the pools have no qparams of their own)."""
+    from interop import import_qparams, link_sites
+    from jquant.transform.quantizer import RuleQuantizer
+    from jquant.transform.specs import QuantizationSpec, Rule
+
+    model, x_t, *_ = pool_oracle
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_fx.prepare_fx(copy.deepcopy(model), torch.ao.quantization.get_default_qconfig_mapping(
+            "x86"), (x_t,))
+        prepared(x_t)
+        converted = quantize_fx.convert_fx(prepared)
+    fn, params = _params(model, "linen")
+    rule = Rule(weight=QuantizationSpec("int8", "per_channel_symmetric"), inputs=QuantizationSpec("uint8"))
+    qf = jquant.quantize(fn, RuleQuantizer([rule], fold_batchnorm=True))
+    x = jnp.asarray(_np(x_t).transpose(0, 2, 3, 1))
+    qstate0 = qf.init(params, x)
+    links = link_sites(import_qparams(converted.state_dict(), model=converted), qf.sites, qstate=qstate0)
+    rows = {(link.site.split("/")[1], link.key): (link.torch_module, link.torch_role) for link in links}
+    assert rows[("conv2", "input")] == ("conv1", "output") and rows[("fc", "input")] == ("conv2", "output"), rows
