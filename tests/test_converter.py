@@ -128,6 +128,8 @@ def test_scan_stacked_layers_convert_per_layer():
              if isinstance(v, QuantizedWeight)]
     stored = qw.qvalue if qw.qvalue is not None else qw.kernel_data
     assert stored.shape[0] == 3 and qw.scale.shape == (3, 1, 32)  # one set of int weights per layer
+    # The stacked [3, 32] bias is one 1-D bias per layer: not reported as a float matrix left behind.
+    assert [s.site for s in int_fn.report.sites if s.kind == "float"] == []
 
 
 def test_tied_weight_used_elsewhere_is_kept_in_float():

@@ -842,7 +842,7 @@ def convert(qf, qstate: dict, *args, weight_only_impl: str = "auto", conv_impl: 
     site_paths = {op.param_path for site in sites.values() for op in site.operands if op.role == "weight"}
     for (path, leaf), stored in zip(w_leaves, kept, strict=True):
         name = path_to_name(path)
-        if stored is None or jnp.ndim(leaf) < 2:
+        if stored is None or jnp.ndim(leaf) - plan.stacked.get(name, 0) < 2:  # biases, norms (per layer)
             continue
         why = ("also read outside its quantized site (e.g. a tied embedding): kept float" if name in converted_paths
                else "weight of a quantized site without an integer kernel" if name in site_paths

@@ -188,6 +188,9 @@ def _discover_scan(walker, eqn, infos, ctx: Scope):
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     scoped = [dataflow.entering_scope(i) for i in infos]
     body_infos = scoped[:n_consts] + [ACTIVATION] * n_carry + scoped[n_consts + n_carry :]
+    for info in scoped[n_consts + n_carry :]:  # weights sliced per iteration (stacked layers)
+        if info.param_path is not None:
+            walker.stacked[info.param_path] = max(walker.stacked.get(info.param_path, 0), len(ctx.stack) + 1)
     _, inner = walker.walk(p["jaxpr"].jaxpr, body_infos, ctx.enter(length=p["length"]))
     return [ACTIVATION] * len(eqn.outvars), inner
 

@@ -45,6 +45,8 @@ class Plan:
     out_tree: Any = None  # pytree structure of fn's output (set by QuantizedFunction)
     # Site name -> the equations fused after its own (bias add, ReLU; the last is where its output is observed).
     fused_eqns: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    # Parameter path -> how many scans slice it per iteration (stacked layers: a [L, n] bias is per layer 1-D).
+    stacked: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def quantized_sites(self) -> list[Site]:
@@ -93,6 +95,7 @@ class _Discovery:
         self.dropped: set[str] = set()  # sites whose output joined another observer (a concatenate group)
         self.use_counts: dict = {}
         self.average_kind: dict = {}  # sum variable -> "avg_pool" / "mean" (its div shares the summed slot)
+        self.stacked: dict[str, int] = {}  # parameter path -> scans slicing it (filled by the scan rule)
 
     # -- walking -------------------------------------------------------------------------------------------
     def walk(self, jaxpr: Jaxpr, in_infos, ctx: Scope):
@@ -482,6 +485,7 @@ def build_plan(
     quantizer.validate(discovery.sites)
     unmatched = quantizer.unmatched(discovery.sites) if isinstance(quantizer, RuleQuantizer) else ()
     fused_eqns = {k: v for k, v in discovery.fused_eqns.items() if k not in discovery.dropped}
-    plan = Plan(closed, discovery.sites, discovery.by_eqn, discovery.inner, unmatched, fused_eqns=fused_eqns)
+    plan = Plan(closed, discovery.sites, discovery.by_eqn, discovery.inner, unmatched, fused_eqns=fused_eqns,
+                stacked=discovery.stacked)
     plan._keepalive = discovery.keepalive  # id(eqn) keys stay valid while the plan lives
     return plan
