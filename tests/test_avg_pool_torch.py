@@ -41,36 +41,31 @@ def _quantized(shape, zero_point, dtype, seed):
 def test_quantized_avg_pool_is_torch_bit_for_bit(dtype, window, stride, padding, count_include_pad):
     """Divisors 4 / 6 / 9 / 16 and zero points whose ties the float rounding decides (6 is where an FMA would
     round differently: 0.01% of all sums). Compiled, as a converted function runs it (XLA may contract)."""
-    torch_dtype = getattr(torch, dtype)
+    pads = ((padding, padding), (padding, padding))
+    jaxpr = jax.make_jaxpr(lambda v: nn.avg_pool(v, (window, window), (stride, stride), pads,
+                                                 count_include_pad=count_include_pad))(jnp.ones((4, 12, 12, 8)))
+    sum_eqn, div_eqn = jaxpr.eqns[0], jaxpr.eqns[-1]
+    assert (sum_eqn.primitive.name, div_eqn.primitive.name) == ("reduce_window_sum", "div")
+    # count_include_pad=False divides by the per-position counts (what the traced function computes too).
+    counts = lax.reduce_window(jnp.ones((1, 12, 12, 1)), 0.0, lax.add, (1, window, window, 1),
+                               (1, stride, stride, 1), ((0, 0),) + pads + ((0, 0),))
+    divisor = float(window * window) if count_include_pad else counts
+    average = jax.jit(functools.partial(quantized_average, primitive="reduce_window_sum", params=sum_eqn.params))
     for zero_point in ((0, 3, 128, 77) if dtype == "quint8" else (0, -5, 40)):
-        x, raw = _quantized((4, 8, 12, 12), zero_point, torch_dtype, seed=zero_point + 7)
+        x, raw = _quantized((4, 8, 12, 12), zero_point, getattr(torch, dtype), seed=zero_point + 7)
         want = torch.nn.functional.avg_pool2d(x, window, stride, padding, count_include_pad=count_include_pad)
-        want = want.int_repr().numpy().transpose(0, 2, 3, 1)
-        pads = ((padding, padding), (padding, padding))
-        pool = lambda v, pads=pads: nn.avg_pool(v, (window, window), (stride, stride), pads,  # noqa: E731
-                                                count_include_pad=count_include_pad)
-        q = jnp.asarray(raw.transpose(0, 2, 3, 1))
-        jaxpr = jax.make_jaxpr(pool)(q.astype(jnp.float32)).jaxpr
-        sum_eqn, div_eqn = jaxpr.eqns[0], jaxpr.eqns[-1]
-        assert (sum_eqn.primitive.name, div_eqn.primitive.name) == ("reduce_window_sum", "div")
-        # count_include_pad=False divides by the per-position counts (what the traced function computes).
-        counts = pool(jnp.ones((1, 12, 12, 1))) * 0 + lax.reduce_window(
-            jnp.ones((1, 12, 12, 1)), 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1),
-            ((0, 0),) + pads + ((0, 0),))
-        divisor = float(window * window) if count_include_pad else counts
-        average = functools.partial(quantized_average, primitive="reduce_window_sum", params=sum_eqn.params)
-        got = jax.jit(average)(q, zero_point, divisor)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"zero point {zero_point}")
+        got = average(jnp.asarray(raw.transpose(0, 2, 3, 1)), zero_point, divisor)
+        np.testing.assert_array_equal(np.asarray(got), want.int_repr().numpy().transpose(0, 2, 3, 1),
+                                      err_msg=f"zero point {zero_point}")
 
 
 @pytest.mark.parametrize("size", [5, 6, 7, 14])
 def test_quantized_mean_is_torch_bit_for_bit(size):
+    average = jax.jit(functools.partial(quantized_average, primitive="reduce_sum", params={"axes": (1, 2)}))
     for zero_point in (0, 3, 128):
         x, raw = _quantized((16, 32, size, size), zero_point, torch.quint8, seed=size + zero_point)
         want = torch.mean(x, (2, 3)).int_repr().numpy()
-        q = jnp.asarray(raw.transpose(0, 2, 3, 1))
-        average = functools.partial(quantized_average, primitive="reduce_sum", params={"axes": (1, 2)})
-        got = jax.jit(average)(q, zero_point, float(size * size))
+        got = average(jnp.asarray(raw.transpose(0, 2, 3, 1)), zero_point, float(size * size))
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"zero point {zero_point}")
 
 
@@ -196,8 +191,10 @@ def test_torch_x86_average_pools_share_qparams_and_convert_as_fx(pool_oracle, va
         error = np.abs(got - expected)
         assert (error <= step * 1.001).mean() >= 0.999, (batch, error.max() / step)
         assert error.max() <= 3 * step * 1.001, batch
-    # The pools and the mean run on integers: every reduce-window and the mean's reduce in the compiled program
-    # read 32-bit integer sums of 8-bit values, none reads floats.
+    if variant != "linen":
+        return
+    # The pools run on integers: every reduce-window in the compiled program sums 8-bit values in int32, none
+    # sums floats.
     hlo = jax.jit(int_fn).lower(int_params, x).compile().as_text()
     windows = re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]*\} reduce-window\(", hlo)
     assert windows and set(windows) <= {"s32"}, windows

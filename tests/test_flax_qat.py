@@ -45,11 +45,18 @@ def _train_step(state, xb, yb):
 
 train_step = jax.jit(_train_step)
 
+# One schedule for the schedule and resume tests: they share the compiled train step (same static qf).
+PHASES = QATSchedule(fake_quant_start=2, observer_freeze=4)
 
-def test_schedule_phases_follow_the_step(digits):
+
+@pytest.fixture(scope="module")
+def phased(digits):
+    return _setup(digits, PHASES)
+
+
+def test_schedule_phases_follow_the_step(digits, phased):
     x_train, y_train = digits[0][:64], digits[1][:64]
-    schedule = QATSchedule(fake_quant_start=2, observer_freeze=4)
-    _, qf, state = _setup(digits, schedule)
+    _, qf, state = phased
     float_out, _ = qf.apply(state.qstate, state.params, x_train, mode="calibrate")
     (out0, _), qstate0 = state.scheduled_apply(state.params, x_train)
     assert np.array_equal(np.asarray(out0), np.asarray(float_out[0])), "before fake_quant_start: float forward"
@@ -89,19 +96,20 @@ def test_calibrate_loop_updates_observers(digits):
         calibrate(qf, qstate, [x_train[:4]], progress=False)
 
 
-def test_orbax_checkpoint_resumes_bit_exactly(digits, tmp_path):
+def test_orbax_checkpoint_resumes_bit_exactly(digits, phased, tmp_path):
     x_train, y_train = digits[0], digits[1]
-    data = list(batches(x_train, y_train, 64, 0))[:6]
-    schedule = QATSchedule(fake_quant_start=1, observer_freeze=5)
-    _, _, state = _setup(digits, schedule)
+    data = list(batches(x_train, y_train, 64, 0))[:6]  # steps 0-1 calibrate, 2-3 fake quant, 4-5 frozen
+    _, _, fresh = phased
+    state = fresh
     for xb, yb in data[:3]:
         state = train_step(state, xb, yb)
     save_checkpoint(tmp_path / "ckpt", state)
     straight = state
     for xb, yb in data[3:]:
         straight = train_step(straight, xb, yb)
-    _, _, fresh = _setup(digits, schedule)
+    # The template is the untrained state (step 0, initial params and qstate): everything comes from the file.
     resumed = restore_checkpoint(tmp_path / "ckpt", fresh)
+    assert int(resumed.step) == 3
     for xb, yb in data[3:]:
         resumed = train_step(resumed, xb, yb)
     for name in ("params", "qstate", "opt_state", "step"):
