@@ -170,3 +170,29 @@ def test_derived_spec_over_any_earlier_site():
     bad = [jquant.Rule(primitives=("add",), weight=jquant.DerivedQuantizationSpec(("nowhere:output",)))]
     with pytest.raises(ValueError, match="no earlier site 'nowhere'"):
         jquant.quantize(fn, bad).init(p, x)
+
+
+def test_a_normalization_mean_is_not_an_average_pool():
+    """torch_x86 shares a pooled mean's qparams with its input, but the mean inside a LayerNorm (subtracted from
+    the value it averages) stays float, as torch's LayerNorm never quantizes its statistics."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(16)(x)
+            h = h + nn.Dense(16)(h)  # a quantized add: h carries its qparams
+            pooled = jnp.mean(h, axis=0, keepdims=True)  # a mean pool (torch.mean): shares them
+            return nn.Dense(4)(nn.LayerNorm()(h)) + nn.Dense(4)(pooled)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+    variables = Block().init(jax.random.PRNGKey(0), x)
+    qf = jquant.quantize(Block().apply, jquant.presets.torch_x86())
+    qstate = qf.init(variables, x)
+    views = [v for v in qf.plan(variables, x).by_eqn.values() if isinstance(v, View)]
+    assert [(v.name, v.primitive) for v in views if v.primitive == "mean"] == [("Block/add", "mean")]
+    # Converted, the pooled mean (keepdims) runs on the add's integers: the same values as eval's fake quant.
+    _, qstate = qf.apply(qstate, variables, x, mode="calibrate")
+    expected, _ = qf.apply(qstate, variables, x, mode="eval")
+    int_fn, int_params = jquant.convert(qf, qstate, variables, x)
+    np.testing.assert_allclose(np.asarray(int_fn(int_params, x)), np.asarray(expected), atol=1e-5)

@@ -48,9 +48,12 @@ def requantize_average(
 
 def quantized_average(
     q: jnp.ndarray, zero_point: jnp.ndarray, divisor: jnp.ndarray | float, primitive: str, params: dict,
-    dtype: str | None = None,
+    dtype: str | None = None, shape: tuple[int, ...] | None = None,
 ) -> jnp.ndarray:
-    """An average pool / mean of quantized ``q`` with its own qparams kept (torch's quantized avg_pool2d, mean)."""
+    """An average pool / mean of quantized ``q`` with its own qparams kept (torch's quantized avg_pool2d, mean);
+    ``shape``: the sums reshaped first (a mean with ``keepdims``)."""
     total = average_sum(q, zero_point, primitive, params)
+    if shape is not None:
+        total = total.reshape(shape)
     return requantize_average(total, divisor, zero_point, dtype or str(q.dtype))
 

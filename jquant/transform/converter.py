@@ -87,7 +87,7 @@ from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of, stateful
 from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
-from jquant.transform.patterns import is_relu
+from jquant.transform.patterns import average_sum_of, is_relu
 from jquant.transform.sites import Site, View, path_to_name
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
@@ -538,11 +538,12 @@ class IntHandler:
     def _average(self, eqn, invals: list, ref: QParamsRef) -> QValue | None:
         """An average pool / mean (``div`` of a sum by its counts) on the integers of the summed value, rounded
         as torch's quantized avg_pool2d / mean; None when that value has no integers with ``ref``'s qparams."""
-        sum_eqn = self.producers.get(eqn.invars[0])
+        sum_eqn = average_sum_of(eqn, self.producers)
         given = None if sum_eqn is None else self.shadows.get(sum_eqn.invars[0], ref)
         if given is None:
             return None
-        q = quantized_average(given.q, given.zero_point, invals[1], sum_eqn.primitive.name, sum_eqn.params)
+        q = quantized_average(given.q, given.zero_point, invals[1], sum_eqn.primitive.name, sum_eqn.params,
+                              shape=tuple(eqn.invars[0].aval.shape))
         return QValue(q, given.scale, given.zero_point, ref)
 
     def _out_kwargs(self, out) -> dict:

@@ -32,6 +32,9 @@ ANCHORS = BIASED | {"add"}
 LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims"})
 
 
+# Equations between a reduction and its division when the reduction keeps its dims.
+KEEPDIMS = frozenset({"broadcast_in_dim", "reshape", "expand_dims"})
+
 # Sums that, divided by a constant, are torch's average pool (``reduce_window_sum``) or mean (``reduce_sum``).
 AVERAGE_SUMS = {"reduce_window_sum": "avg_pool", "reduce_sum": "mean"}
 
@@ -124,12 +127,28 @@ def chain_end(eqn, by_var_consumers: dict, share_through: frozenset[str]) -> boo
 
 
 def average_divide(eqn, by_var_consumers: dict):
-    """The ``div`` that makes the sum ``eqn`` an average (its only consumer, dividing it), or None."""
+    """The ``div`` that makes the sum ``eqn`` an average pool / mean (its only consumer, dividing it), or None.
+
+    A mean that is subtracted from the value it averages (``x - mean(x)``: LayerNorm, variance) is a
+    normalization's statistic, not a pooled activation: torch never quantizes it, so it is not matched."""
     if eqn.primitive.name not in AVERAGE_SUMS or len(eqn.outvars) != 1:
         return None
-    users = by_var_consumers.get(eqn.outvars[0], [])
-    if len(users) != 1 or users[0].primitive.name != "div" or users[0].invars[0] is not eqn.outvars[0]:
+    var = eqn.outvars[0]
+    users = by_var_consumers.get(var, [])
+    while len(users) == 1 and _keeps_dims(users[0]):  # jnp.mean(keepdims=True): sum -> broadcast -> div
+        var = users[0].outvars[0]
+        users = by_var_consumers.get(var, [])
+    if len(users) != 1 or users[0].primitive.name != "div" or users[0].invars[0] is not var:
         return None
+    frontier, seen = [users[0].outvars[0]], set()
+    while frontier:  # the mean's readers, through broadcasts / reshapes (keepdims)
+        var = frontier.pop()
+        for reader in by_var_consumers.get(var, []):
+            if eqn.invars[0] in reader.invars:
+                return None
+            if reader.primitive.name in _BROADCASTS and id(reader) not in seen:
+                seen.add(id(reader))
+                frontier.append(reader.outvars[0])
     return users[0]
 
 
@@ -172,3 +191,18 @@ def softmax_input(eqn, producers: dict):
     if peak is None or peak.primitive.name != "reduce_max" or peak.invars[0] is not x:
         return None
     return x
+
+
+def _keeps_dims(eqn) -> bool:
+    """A reshape-like equation (size-1 dims added or removed, same elements): ``keepdims`` of a reduction."""
+    if eqn.primitive.name not in KEEPDIMS or len(eqn.outvars) != 1:
+        return False
+    return int(np.prod(eqn.invars[0].aval.shape)) == int(np.prod(eqn.outvars[0].aval.shape))
+
+
+def average_sum_of(div_eqn, producers: dict):
+    """The ``reduce_window_sum`` / ``reduce_sum`` whose (reshaped) output ``div_eqn`` divides, or None."""
+    eqn = producers.get(div_eqn.invars[0])
+    while eqn is not None and _keeps_dims(eqn):
+        eqn = producers.get(eqn.invars[0])
+    return eqn if eqn is not None and eqn.primitive.name in AVERAGE_SUMS else None

@@ -94,7 +94,7 @@ class _Discovery:
         self.output_var: dict[str, object] = {}  # site name -> the variable its output spec observes
         self.dropped: set[str] = set()  # sites whose output joined another observer (a concatenate group)
         self.use_counts: dict = {}
-        self.average_kind: dict = {}  # sum variable -> "avg_pool" / "mean" (its div shares the summed slot)
+        self.average_kind: dict = {}  # id(div of an average) -> "avg_pool" / "mean" (it shares the summed slot)
         self.stacked: dict[str, int] = {}  # parameter path -> scans slicing it (filled by the scan rule)
 
     # -- walking -------------------------------------------------------------------------------------------
@@ -211,11 +211,13 @@ class _Discovery:
         if prim in patterns.AVERAGE_SUMS:
             if source is None or prim not in self.quantizer.share_through or not patterns.average_divide(eqn, users):
                 return None
-            self.average_kind[eqn.outvars[0]] = patterns.AVERAGE_SUMS[prim]
+            self.average_kind[id(patterns.average_divide(eqn, users))] = patterns.AVERAGE_SUMS[prim]
             return VarInfo(summed_from=source)
-        if prim == "div" and infos[0].summed_from is not None and infos[1].constant:
+        if prim in patterns.KEEPDIMS and infos[0].summed_from is not None:  # keepdims between the sum and the div
+            return VarInfo(summed_from=infos[0].summed_from)
+        if prim == "div" and infos[0].summed_from is not None and infos[1].constant and id(eqn) in self.average_kind:
             source = infos[0].summed_from
-            self._view(eqn, View(source[0], source[1], self._slot_spec(source), self.average_kind[eqn.invars[0]]))
+            self._view(eqn, View(source[0], source[1], self._slot_spec(source), self.average_kind[id(eqn)]))
             return VarInfo(qparams_of=source)
         if source is None or prim not in self.quantizer.share_through or len(eqn.outvars) != 1:
             return None
