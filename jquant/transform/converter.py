@@ -87,7 +87,7 @@ from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of, stateful
 from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
-from jquant.transform.patterns import average_sum_of, is_relu
+from jquant.transform.patterns import average_sum_of, is_relu, relu_input
 from jquant.transform.sites import Site, View, path_to_name
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
@@ -520,6 +520,11 @@ class IntHandler:
             average = self._average(eqn, invals, ref)
             if average is not None:
                 return [self.shadows.set(eqn.outvars[0], average)]
+        if view.primitive == "relu":  # on the grid, max(x, 0) is max(q, zero point)
+            given = self.shadows.get(relu_input(eqn), ref)
+            if given is not None:
+                q = jnp.maximum(given.q, given.zero_point.astype(given.q.dtype))
+                return [self.shadows.set(eqn.outvars[0], given._replace(q=q))]
         if eqn.primitive.name in int_domain.INTEGER_OPS:
             ints = []
             for i, (var, x) in enumerate(zip(eqn.invars, invals, strict=True)):

@@ -55,8 +55,9 @@ from jquant.transform.specs import (
 )
 
 # Primitives through which a quantized value keeps its qparams in torch FX's x86 backend (max-pool, flatten /
-# reshape, transpose, squeeze / unsqueeze): the output shares the input's observer.
-VALUE_PRESERVING = frozenset({"reduce_window_max", "reshape", "transpose", "squeeze", "expand_dims"})
+# reshape, transpose, squeeze / unsqueeze, a standalone ReLU): the output shares the input's observer. "relu"
+# names ``jax.nn.relu`` / ``max(x, 0)`` (not a primitive of its own).
+VALUE_PRESERVING = frozenset({"reduce_window_max", "reshape", "transpose", "squeeze", "expand_dims", "relu"})
 
 
 class Candidate(NamedTuple):
