@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams
 from jax import lax
 
 import jquant
@@ -169,28 +170,11 @@ def test_torch_x86_average_pools_share_qparams_and_convert_as_fx(pool_oracle, va
     # FX: x (0), conv1-relu shared with pool1 (1), conv2-relu shared with pool2 and mean (2), fc (3); the next op's
     # input reuses those qparams, so there is no other activation observer.
     assert conv2.operands[0].spec.site == conv1.name and fc.operands[0].spec.site == conv2.name
-    pairs = {0: qstate[conv1.name]["input"], 1: qstate[conv1.name]["output"], 2: qstate[conv2.name]["output"],
-             3: qstate[fc.name]["output"]}
-    distinct = list({id(m): m for m in observers.values()}.values())
-    assert len(distinct) == len(pairs)
-    for index, slot in pairs.items():
-        obs = distinct[index]
-        got = np.float32([slot.observer.min_val, slot.observer.max_val])
-        np.testing.assert_allclose(got, np.float32([obs.min_val.item(), obs.max_val.item()]), rtol=1e-6)
-        scale, zero_point = obs.calculate_qparams()
-        assert int(slot.zero_point) == zero_point.item(), index
-        np.testing.assert_allclose(np.float32(slot.scale), np.float32(scale.item()), rtol=1e-6)
+    slots = [qstate[conv1.name]["input"], qstate[conv1.name]["output"], qstate[conv2.name]["output"],
+             qstate[fc.name]["output"]]
+    assert_slots_hold_fx_qparams(slots, list({id(m): m for m in observers.values()}.values()))
     step = float(qstate[fc.name]["output"].scale)
-    out, _ = qf.apply(qstate, params, x, mode="eval")
-    error = np.abs(np.asarray(out) - reference)
-    assert error.max() <= step * 1.001 and (error <= 1e-5).mean() >= 0.99, error.max() / step
-
-    int_fn, int_params = jquant.convert(qf, qstate, params, x)
-    for batch, (inputs, expected) in int8.items():
-        got = np.asarray(int_fn(int_params, jnp.asarray(_np(inputs).transpose(0, 2, 3, 1))))
-        error = np.abs(got - expected)
-        assert (error <= step * 1.001).mean() >= 0.999, (batch, error.max() / step)
-        assert error.max() <= 3 * step * 1.001, batch
+    int_fn, int_params = assert_eval_and_convert_match_fx(qf, qstate, params, x, reference, int8, step)
     if variant != "linen":
         return
     # The pools run on integers: every reduce-window in the compiled program sums 8-bit values in int32, none

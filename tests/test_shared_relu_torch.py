@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams
 from jax import lax
 
 import jquant
@@ -70,18 +71,9 @@ def test_standalone_relu_shares_its_input_observer_as_fx():
     _, qstate = qf.apply(qstate, params, x, mode="calibrate")
     slots = [qstate[conv1.name]["input"], qstate[conv1.name]["output"], qstate[conv2.name]["output"],
              qstate[fc.name]["output"]]
-    for slot, obs in zip(slots, observers, strict=True):
-        scale, zero_point = obs.calculate_qparams()
-        assert int(slot.zero_point) == zero_point.item()
-        np.testing.assert_allclose(np.float32(slot.scale), np.float32(scale.item()), rtol=1e-6)
+    assert_slots_hold_fx_qparams(slots, observers)
     step = float(qstate[fc.name]["output"].scale)
-    out, _ = qf.apply(qstate, params, x, mode="eval")
-    error = np.abs(np.asarray(out) - reference)
-    assert error.max() <= step * 1.001 and (error <= 1e-5).mean() >= 0.99, error.max() / step
-    int_fn, int_params = jquant.convert(qf, qstate, params, x)
-    for batch, (inputs, expected) in int8.items():
-        error = np.abs(np.asarray(int_fn(int_params, jnp.asarray(_np(inputs).transpose(0, 2, 3, 1)))) - expected)
-        assert (error <= step * 1.001).mean() >= 0.999 and error.max() <= 3 * step * 1.001, batch
+    int_fn, int_params = assert_eval_and_convert_match_fx(qf, qstate, params, x, reference, int8, step)
     # The ReLU runs on the pooled integers: max(q, zero point) on the u8 values, no float ReLU left.
     hlo = str(jax.make_jaxpr(int_fn)(int_params, x))
     assert "max" in hlo and not [line for line in hlo.splitlines() if "max" in line and "f32[8,4,4,8]" in line]
