@@ -92,9 +92,10 @@ def torch_x86(qat: bool = False, exclude: Sequence[str] = (), fixed_softmax: boo
     - softmax: runs in float, its output observed by its consumer's input observer, as torch does for
       ``torch.softmax`` / ``F.softmax`` (a HistogramObserver); ``fixed_softmax=True`` mirrors an ``nn.Softmax``
       module instead, which torch's mapping gives fixed qparams 1/256, zero point 0.
-    - a standalone ReLU (after a max-pool, a cat...) shares its input's observer, as ``nn.ReLU`` / ``F.relu`` do
-      (``torch.relu``, which FX observes on its own, looks the same in a jaxpr); converted, it is
-      ``max(q, zero_point)`` on the integers.
+    - a standalone ReLU (after a max-pool, a cat...), ReLU6 or clamp (``jax.nn.relu6``, ``jnp.clip``: torch's
+      ``nn.ReLU6`` / ``nn.Hardtanh`` / ``clamp``) shares its input's observer, as ``nn.ReLU`` / ``F.relu`` do
+      (``torch.relu``, which FX observes on its own, looks the same in a jaxpr); converted, it is the same max / min
+      on the integers with the bounds quantized.
     Not mirrored: biases stay float.
     """
     if qat:

@@ -87,7 +87,7 @@ from jquant.transform.compat import used_inputs
 from jquant.transform.handler import QuantizeHandler, layout_of, stateful
 from jquant.transform.int_domain import QParamsRef, QValue, Shadows
 from jquant.transform.interpreter import bind_eqn, interpret
-from jquant.transform.patterns import average_sum_of, is_relu, relu_input
+from jquant.transform.patterns import average_sum_of, clamp_chain, clamp_input, is_relu
 from jquant.transform.sites import Site, View, path_to_name
 from jquant.transform.specs import (
     DerivedQuantizationSpec,
@@ -520,10 +520,13 @@ class IntHandler:
             average = self._average(eqn, invals, ref)
             if average is not None:
                 return [self.shadows.set(eqn.outvars[0], average)]
-        if view.primitive == "relu":  # on the grid, max(x, 0) is max(q, zero point)
-            given = self.shadows.get(relu_input(eqn), ref)
+        if view.primitive in ("relu", "clamp"):  # on the grid: the same max / min by the quantized bounds
+            given = self.shadows.get(clamp_input(eqn), ref)
             if given is not None:
-                q = jnp.maximum(given.q, given.zero_point.astype(given.q.dtype))
+                q = given.q
+                for op, bound in clamp_chain(eqn):
+                    q_bound = int_domain.quantize_value(jnp.float32(bound), given.scale, given.zero_point, ref).q
+                    q = (jnp.maximum if op == "max" else jnp.minimum)(q, q_bound)
                 return [self.shadows.set(eqn.outvars[0], given._replace(q=q))]
         if eqn.primitive.name in int_domain.INTEGER_OPS:
             ints = []

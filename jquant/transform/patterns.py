@@ -206,3 +206,65 @@ def average_sum_of(div_eqn, producers: dict):
     while eqn is not None and _keeps_dims(eqn):
         eqn = producers.get(eqn.invars[0])
     return eqn if eqn is not None and eqn.primitive.name in AVERAGE_SUMS else None
+
+
+def _scalar(var, known: dict):
+    """The float value of a scalar literal (or of a body variable bound to one), else None."""
+    if isinstance(var, Literal):
+        value = np.asarray(var.val)
+        return float(value) if value.size == 1 else None
+    return known.get(var)
+
+
+def clamp_chain(eqn) -> tuple[tuple[str, float], ...] | None:
+    """``(("max", lo), ("min", hi), ...)`` when ``eqn`` clamps its one array input by scalar constants: a
+    ``max`` / ``min`` / ``clamp`` with scalar literals, or a call whose body is only that (``jax.nn.relu``,
+    ``jax.nn.relu6``, ``jnp.clip``). None otherwise. These ops commute with quantization: on the integers they
+    are the same max / min with the bounds quantized."""
+    name = eqn.primitive.name
+    if name in ("max", "min") and len(eqn.invars) == 2:
+        for data, bound in ((0, 1), (1, 0)):
+            value = _scalar(eqn.invars[bound], {})
+            if value is not None and not isinstance(eqn.invars[data], Literal):
+                return ((name, value),)
+        return None
+    if name == "clamp":  # lax.clamp(lo, x, hi)
+        lo, hi = _scalar(eqn.invars[0], {}), _scalar(eqn.invars[2], {})
+        return None if lo is None or hi is None else (("max", lo), ("min", hi))
+    bodies = [v for v in eqn.params.values() if isinstance(v, ClosedJaxpr | Jaxpr)]
+    if len(bodies) != 1:
+        return None
+    body = bodies[0].jaxpr if isinstance(bodies[0], ClosedJaxpr) else bodies[0]
+    arrays = [i for i, v in enumerate(eqn.invars) if _scalar(v, {}) is None]
+    if len(arrays) != 1 or len(body.invars) != len(eqn.invars):
+        return None
+    known = {b: _scalar(v, {}) for b, v in zip(body.invars, eqn.invars, strict=True) if _scalar(v, {}) is not None}
+    data, steps = body.invars[arrays[0]], []
+    for inner in body.eqns:
+        if inner.primitive.name == "convert_element_type" and inner.invars[0] in known:
+            known[inner.outvars[0]] = known[inner.invars[0]]  # jnp.clip's integer bounds, made float
+            continue
+        if data not in inner.invars:
+            return None
+        chain = _bounded(inner, data, known)
+        if chain is None:
+            return None
+        steps.extend(chain)
+        data = inner.outvars[0]
+    return tuple(steps) if steps and body.outvars == [data] else None
+
+
+def clamp_input(eqn):
+    """The array operand of an equation ``clamp_chain`` accepts."""
+    index = 1 if eqn.primitive.name == "clamp" else next(i for i, v in enumerate(eqn.invars) if _scalar(v, {}) is None)
+    return eqn.invars[index]
+
+
+def _bounded(eqn, data, known: dict):
+    """The clamp steps of one body equation reading ``data`` (bounds from ``known`` body scalars)."""
+    name = eqn.primitive.name
+    if name in ("max", "min") and len(eqn.invars) == 2:
+        other = eqn.invars[1] if eqn.invars[0] is data else eqn.invars[0]
+        value = _scalar(other, known)
+        return None if value is None else ((name, value),)
+    return clamp_chain(eqn)  # a nested call (relu6's jit inside its custom_jvp); its array input is ``data``

@@ -201,9 +201,10 @@ class _Discovery:
         """Output info of a value-preserving op on a quantized value (a view of its owner), else None."""
         prim = eqn.primitive.name
         source = infos[0].qparams_of if infos else None
-        if patterns.is_relu(eqn):  # a standalone ReLU (one after a conv / dense / add is part of its pattern)
-            prim = "relu"
-            source = infos[eqn.invars.index(patterns.relu_input(eqn))].qparams_of
+        chain = patterns.clamp_chain(eqn)
+        if chain is not None:  # a standalone ReLU / ReLU6 / clip (a ReLU after a conv / dense / add is fused)
+            prim = "relu" if chain == (("max", 0.0),) else "clamp"
+            source = infos[eqn.invars.index(patterns.clamp_input(eqn))].qparams_of
         if source is not None and _fixed(self._slot_spec(source)):
             # Constant qparams (a sigmoid's): value-preserving ops keep them, nothing observes; other ops
             # (a cat, an average) take their own specs.

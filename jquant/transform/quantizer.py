@@ -55,9 +55,12 @@ from jquant.transform.specs import (
 )
 
 # Primitives through which a quantized value keeps its qparams in torch FX's x86 backend (max-pool, flatten /
-# reshape, transpose, squeeze / unsqueeze, a standalone ReLU): the output shares the input's observer. "relu"
-# names ``jax.nn.relu`` / ``max(x, 0)`` (not a primitive of its own).
-VALUE_PRESERVING = frozenset({"reduce_window_max", "reshape", "transpose", "squeeze", "expand_dims", "relu"})
+# reshape, transpose, squeeze / unsqueeze, a standalone ReLU / ReLU6 / Hardtanh / clamp): the output shares the
+# input's observer. "relu" names ``jax.nn.relu`` / ``max(x, 0)``, "clamp" any max / min by constants
+# (``jax.nn.relu6``, ``jnp.clip``, ``lax.clamp``); neither is a primitive of its own.
+VALUE_PRESERVING = frozenset(
+    {"reduce_window_max", "reshape", "transpose", "squeeze", "expand_dims", "relu", "clamp"}
+)
 
 
 class Candidate(NamedTuple):
