@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams
 from jax import lax
 
 import jquant
-from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams
 from jquant.transform import View
 
 torch = pytest.importorskip("torch")
