@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jquant.transform.patterns import AVERAGE_SUMS
-from jquant.transform.quantizer import VALUE_PRESERVING, RuleQuantizer
+from jquant.transform.quantizer import VALUE_PRESERVING, Candidate, RuleQuantizer
 from jquant.transform.specs import FixedQParamsSpec, QuantizationSpec, Rule
 
 
@@ -69,7 +69,26 @@ def fp8(dtype: str = "float8_e4m3fn", exclude: Sequence[str] = ()) -> tuple[Rule
 
 
 
-def torch_x86(qat: bool = False, exclude: Sequence[str] = (), fixed_softmax: bool = False) -> RuleQuantizer:
+# jax.nn activations that trace as one named jit call: one float op each, as the torch module they stand for
+# (GELU, which traces inline, is recognised by its pattern: jquant.transform.patterns.composite_internals).
+JAX_NN_COMPOSITES = frozenset({
+    "silu", "hard_silu", "hard_sigmoid", "hard_tanh", "elu", "celu", "selu", "softplus", "log_sigmoid",
+    "log_softmax", "mish", "glu", "leaky_relu", "sparse_plus", "squareplus", "standardize", "soft_sign",
+})
+
+
+class TorchX86Quantizer(RuleQuantizer):
+    """``torch_x86()``'s rules with torch's notion of an add: a quantized add joins two activations. An add of a
+    constant or a weight (``x + 3`` inside an activation, LayerNorm's ``var + eps`` and ``y * gamma + beta``)
+    stays float, as it is inside the torch module it belongs to."""
+
+    def annotate(self, site: Candidate) -> Rule | None:
+        if site.primitive == "add" and (len(site.roles) != 2 or "weight" in site.roles or any(site.constants)):
+            return None
+        return super().annotate(site)
+
+
+def torch_x86(qat: bool = False, exclude: Sequence[str] = (), fixed_softmax: bool = False) -> TorchX86Quantizer:
     """torch FX's x86 backend: ``get_default_qconfig_mapping("x86")`` (``qat=True``:
     ``get_default_qat_qconfig_mapping("x86")``) with its fusions and qparam sharing, as ``prepare_fx`` places them.
 
@@ -80,7 +99,10 @@ def torch_x86(qat: bool = False, exclude: Sequence[str] = (), fixed_softmax: boo
       the observer of ``FusedMovingAvgObsFakeQuantize``, whose own QAT-time qparams differ slightly, see NUMERICS);
     - conv / dense + inference BatchNorm folded before observing; conv / dense + bias + ReLU and add + ReLU are
       one site observed after the ReLU; the graph input is observed by its first consumer;
-    - add: quantized add with its own output observer, inputs keep their producers' qparams;
+    - add of two activations: quantized add with its own output observer, inputs keep their producers' qparams
+      (an add of a constant or a weight stays float);
+    - inside ``jax.nn.gelu`` and jax.nn's other composite activations (``JAX_NN_COMPOSITES``) nothing is quantized:
+      each is one float op, as its torch module;
     - concatenate: inputs and output share the first input's observer;
     - max-pool, average pool / mean (a ``reduce_window_sum`` / ``reduce_sum`` divided by a constant count, as
       ``nn.avg_pool`` and ``jnp.mean`` trace), reshape / flatten, transpose, squeeze / expand_dims: the output
@@ -113,8 +135,8 @@ def torch_x86(qat: bool = False, exclude: Sequence[str] = (), fixed_softmax: boo
     )
     if fixed_softmax:
         backend += (Rule(primitives=("softmax",), output=FixedQParamsSpec(1 / 256, 0, "uint8")),)
-    return RuleQuantizer(
+    return TorchX86Quantizer(
         _excluded(exclude) + backend, fold_batchnorm=True, fuse=True,
         share_through=VALUE_PRESERVING | frozenset(AVERAGE_SUMS),
-        share_concatenate=True, optional=backend,
+        share_concatenate=True, opaque_calls=JAX_NN_COMPOSITES, optional=backend,
     )

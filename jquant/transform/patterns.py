@@ -268,3 +268,34 @@ def _bounded(eqn, data, known: dict):
         value = _scalar(other, known)
         return None if value is None else ((name, value),)
     return clamp_chain(eqn)  # a nested call (relu6's jit inside its custom_jvp); its array input is ``data``
+
+
+def _literal_mul_operand(eqn):
+    """``v`` when ``eqn`` is ``c * v`` or ``v * c`` with a scalar literal ``c``, else None."""
+    if eqn is None or eqn.primitive.name != "mul" or len(eqn.invars) != 2:
+        return None
+    a, b = eqn.invars
+    if _scalar(a, {}) is not None and not isinstance(b, Literal):
+        return b
+    if _scalar(b, {}) is not None and not isinstance(a, Literal):
+        return a
+    return None
+
+
+def composite_internals(jaxpr: Jaxpr) -> set[int]:
+    """``id`` of the equations inside a tanh-approximated GELU (``jax.nn.gelu``, which traces inline:
+    ``tanh(c * (x + k * x**3))``): its ``add`` and ``tanh`` are one float op in torch, never sites of their own."""
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    found: set[int] = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "tanh":
+            continue
+        inner = producers.get(_literal_mul_operand(producers.get(eqn.invars[0])))
+        if inner is None or inner.primitive.name != "add" or len(inner.invars) != 2:
+            continue
+        for x, cubed in (inner.invars, inner.invars[::-1]):
+            power = producers.get(_literal_mul_operand(producers.get(cubed)))
+            if power is not None and power.primitive.name == "integer_pow" and power.params.get("y") == 3 \
+                    and power.invars[0] is x:
+                found.update((id(inner), id(eqn)))
+    return found

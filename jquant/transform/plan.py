@@ -111,6 +111,7 @@ class _Discovery:
         open_patterns: dict = {}  # tail output variable -> OpenPattern
         # A softmax is five equations in a jaxpr: its last (the div) is the site when a rule names "softmax".
         producers = {v: e for e in jaxpr.eqns for v in e.outvars} if "softmax" in self.candidates else None
+        internal = patterns.composite_internals(jaxpr) if self.candidates & {"add", "tanh"} else set()
         for eqn in jaxpr.eqns:
             infos = [dataflow.read_info(env, v) for v in eqn.invars]
             name = eqn.primitive.name
@@ -131,13 +132,15 @@ class _Discovery:
                 out_infos = dataflow.barrier_infos(infos)
             elif shared is not None:
                 out_infos = [shared] * len(eqn.outvars)
-            elif name in self.candidates:
+            elif name in self.candidates and id(eqn) not in internal:
                 site = self.make_site(eqn, infos, ctx, name)
                 if site.quantized:
                     names.append(site.name)
                     out_infos = [VarInfo(producer=site.name)] * len(eqn.outvars)
                     if graph:
                         out_infos[0] = self._open(site, eqn, open_patterns)
+            elif eqn.params.get("name") in self.quantizer.opaque_calls and _sub_jaxprs(eqn.params):
+                pass  # one float op to this backend (jax.nn.gelu for torch_x86): no sites inside
             elif self.quantizer.primitives and _sub_jaxprs(eqn.params):  # config=[]: nothing to look for
                 out_infos, inner = self.walk_higher_order(eqn, infos, ctx)
                 if inner:
@@ -318,7 +321,8 @@ class _Discovery:
         base = site_base_name(name_stack, weight_path, prim)
         name = self.namer.peek(base) if peek else self.namer(base)
         shapes = tuple(tuple(eqn.invars[i].aval.shape) for i in positions)
-        return Candidate(name, prim, roles, shapes, tuple(infos[i].param_path for i in positions)), positions
+        constants = tuple(infos[i].constant for i in positions)
+        return Candidate(name, prim, roles, shapes, tuple(infos[i].param_path for i in positions), constants), positions
 
     def make_site(self, eqn, infos, ctx: Scope, primitive: str | None = None) -> Site:
         prim = primitive or eqn.primitive.name

@@ -11,7 +11,9 @@
   ``fuse`` (a dot / conv output is observed after its bias add and a ReLU; an add output after a ReLU),
   ``share_through`` (value-preserving primitives whose output reuses the qparams of an already quantized input:
   no new observer, the input's observer also sees the output, as torch's shared observers do),
-  ``share_concatenate`` (a concatenate's inputs and output share one observer: the first input's);
+  ``share_concatenate`` (a concatenate's inputs and output share one observer: the first input's),
+  ``opaque_calls`` (names of ``jit`` / ``custom_jvp`` calls that are one float op to this backend, e.g. "gelu":
+  nothing inside them becomes a site, as torch never quantizes inside its GELU module);
 - ``validate(sites)``: raise on a plan the backend cannot run (called once per traced signature).
 
 A list of ``Rule`` is a quantizer too (``RuleQuantizer``: first matching rule wins, no graph options), so
@@ -71,6 +73,7 @@ class Candidate(NamedTuple):
     roles: tuple[str, ...]  # per floating-point operand: "weight" or "input"
     shapes: tuple[tuple[int, ...], ...]
     param_paths: tuple[str | None, ...]
+    constants: tuple[bool, ...] = ()  # per operand: computed from constants only (an "input" that is no activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Quantizer:
     fuse: bool = False
     share_through: frozenset[str] = frozenset()
     share_concatenate: bool = False
+    opaque_calls: frozenset[str] = frozenset()
 
     def annotate(self, site: Candidate) -> Annotation | Rule | None:
         raise NotImplementedError(f"{type(self).__name__}.annotate(site) must return an Annotation or None")
@@ -129,6 +133,7 @@ class RuleQuantizer(Quantizer):
         fuse: bool = False,
         share_through: frozenset[str] | tuple[str, ...] = frozenset(),
         share_concatenate: bool = False,
+        opaque_calls: frozenset[str] | tuple[str, ...] = frozenset(),
         optional: tuple[Rule, ...] = (),
     ):
         self.rules = normalize_config(rules)
@@ -141,6 +146,7 @@ class RuleQuantizer(Quantizer):
         self.fuse = fuse
         self.share_through = frozenset(share_through)
         self.share_concatenate = share_concatenate
+        self.opaque_calls = frozenset(opaque_calls)
 
     def annotate(self, site: Candidate) -> Rule | None:
         for rule in self.rules:
