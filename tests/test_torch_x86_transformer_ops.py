@@ -61,9 +61,10 @@ def test_layernorm_and_gelu_stay_whole_and_match_fx():
     x = jnp.asarray(_np(x_t))
     qf = jquant.quantize(FlaxMLP().apply, jquant.presets.torch_x86())
     qstate = qf.init(variables, x)
-    assert [s.primitive for s in [s for s in qf.sites if s.quantized]] == ["dot_general"] * 3  # nothing inside LayerNorm / GELU
+    quantized = [s for s in qf.sites if s.quantized]
+    assert [s.primitive for s in quantized] == ["dot_general"] * 3  # nothing inside LayerNorm / GELU
     _, qstate = qf.apply(qstate, variables, x, mode="calibrate")
-    step = float(qstate[[s for s in qf.sites if s.quantized][-1].name]["output"].scale)
+    step = float(qstate[quantized[-1].name]["output"].scale)
     out, _ = qf.apply(qstate, variables, x, mode="eval")
     error = np.abs(np.asarray(out) - reference)
     assert error.max() <= step * 1.001 and (error <= 1e-5).mean() >= 0.99, error.max() / step
@@ -84,5 +85,5 @@ def test_composite_activations_hold_no_sites():
     params = {"w": jnp.ones((4, 8)) * 0.1, "w2": jnp.ones((8, 2)) * 0.1}
     qf = jquant.quantize(fn, jquant.presets.torch_x86())
     qf.init(params, jnp.ones((3, 4)))
-    quantized = [(s.primitive, len(s.operands)) for s in [s for s in qf.sites if s.quantized]]
+    quantized = [(s.primitive, len(s.operands)) for s in qf.sites if s.quantized]
     assert quantized == [("dot_general", 2), ("add", 2), ("dot_general", 2)], quantized  # hard_swish + silu only
