@@ -124,7 +124,7 @@ def pool_oracle():
         model.bn1.weight.uniform_(0.5, 1.5)
         model.bn1.bias.uniform_(-0.2, 0.2)
     x = torch.randn(8, 3, 10, 10)
-    fresh = torch.randn(32, 3, 10, 10) * 1.5
+    fresh = torch.randn(8, 3, 10, 10) * 1.5  # the calibration batch size: no recompilation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mapping = torch.ao.quantization.get_default_qconfig_mapping("x86")

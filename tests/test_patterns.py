@@ -10,7 +10,7 @@ from jax import lax
 
 import jquant
 from jquant.transform import Annotation, Quantizer, View
-from jquant.transform.quantizer import VALUE_PRESERVING
+from jquant.transform.quantizer import VALUE_PRESERVING, RuleQuantizer
 
 A8 = jquant.QuantizationSpec("uint8", observer="minmax")
 W8 = jquant.QuantizationSpec("int8", "per_channel_symmetric")
@@ -173,7 +173,7 @@ def test_derived_spec_over_any_earlier_site():
 
 
 def test_a_normalization_mean_is_not_an_average_pool():
-    """torch_x86 shares a pooled mean's qparams with its input, but the mean inside a LayerNorm (subtracted from
+    """torch_x86's sharing covers a pooled mean's qparams, but the mean inside a LayerNorm (subtracted from
     the value it averages) stays float, as torch's LayerNorm never quantizes its statistics."""
     import flax.linen as nn
 
@@ -187,7 +187,10 @@ def test_a_normalization_mean_is_not_an_average_pool():
 
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
     variables = Block().init(jax.random.PRNGKey(0), x)
-    qf = jquant.quantize(Block().apply, jquant.presets.torch_x86())
+    # torch_x86's graph options with MinMax observers (quick to compile; the placement is the same).
+    rules = [jquant.Rule(weight=W8, inputs=A8, output=A8), jquant.Rule(primitives=("add",), inputs=A8, output=A8)]
+    quantizer = RuleQuantizer(rules, fuse=True, share_through=jquant.presets.torch_x86().share_through)
+    qf = jquant.quantize(Block().apply, quantizer)
     qstate = qf.init(variables, x)
     views = [v for v in qf.plan(variables, x).by_eqn.values() if isinstance(v, View)]
     assert [(v.name, v.primitive) for v in views if v.primitive == "mean"] == [("Block/add", "mean")]

@@ -71,7 +71,7 @@ def test_standalone_clamps_share_their_input_observer_as_fx(kind, shared):
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)
         model.conv2.weight *= 4  # conv2's outputs reach past Hardtanh's bounds
-    x_t, fresh = torch.randn(8, 3, 8, 8), torch.randn(32, 3, 8, 8) * 1.5
+    x_t, fresh = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8) * 1.5  # one batch size: one compilation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = quantize_fx.prepare_fx(model, torch.ao.quantization.get_default_qconfig_mapping("x86"), (x_t,))
