@@ -58,27 +58,19 @@ def consumers(jaxpr: Jaxpr) -> dict:
     return found
 
 
-def _is_zero(var) -> bool:
-    return isinstance(var, Literal) and np.all(np.asarray(var.val) == 0)
+# The clamp chain of a ReLU (see ``clamp_chain``).
+RELU = (("max", 0.0),)
 
 
 def is_relu(eqn) -> bool:
     """``max(x, 0)`` in any spelling: ``lax.max`` with a zero literal, or a call (jax.nn.relu's custom_jvp,
-    a jit) whose body is one such equation."""
-    if eqn.primitive.name == "max":
-        return len(eqn.invars) == 2 and (_is_zero(eqn.invars[0]) or _is_zero(eqn.invars[1]))
-    for value in eqn.params.values():
-        if isinstance(value, ClosedJaxpr | Jaxpr):
-            body = value.jaxpr if isinstance(value, ClosedJaxpr) else value
-            return len(body.eqns) == 1 and len(eqn.invars) == 1 and is_relu(body.eqns[0])
-    return False
+    a jit) whose body is only that."""
+    return clamp_chain(eqn) == RELU
 
 
 def relu_input(eqn):
     """The activation operand of a ReLU equation."""
-    if eqn.primitive.name == "max":
-        return eqn.invars[1] if _is_zero(eqn.invars[0]) else eqn.invars[0]
-    return eqn.invars[0]
+    return clamp_input(eqn)
 
 
 def is_bias_add(eqn, var, infos: list[VarInfo]) -> bool:
@@ -282,10 +274,10 @@ def _literal_mul_operand(eqn):
     return None
 
 
-def composite_internals(jaxpr: Jaxpr) -> set[int]:
+def composite_internals(jaxpr: Jaxpr, producers: dict) -> set[int]:
     """``id`` of the equations inside a tanh-approximated GELU (``jax.nn.gelu``, which traces inline:
-    ``tanh(c * (x + k * x**3))``): its ``add`` and ``tanh`` are one float op in torch, never sites of their own."""
-    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    ``tanh(c * (x + k * x**3))``): its ``add`` and ``tanh`` are one float op in torch, never sites of their own.
+    ``producers``: ``{var: eqn}`` of ``jaxpr``."""
     found: set[int] = set()
     for eqn in jaxpr.eqns:
         if eqn.primitive.name != "tanh":

@@ -109,13 +109,16 @@ class _Discovery:
             self.use_counts.update(uses)
         users = patterns.consumers(jaxpr) if graph else None
         open_patterns: dict = {}  # tail output variable -> OpenPattern
-        # A softmax is five equations in a jaxpr: its last (the div) is the site when a rule names "softmax".
-        producers = {v: e for e in jaxpr.eqns for v in e.outvars} if "softmax" in self.candidates else None
-        internal = patterns.composite_internals(jaxpr) if self.candidates & {"add", "tanh"} else set()
+        # Multi-equation ops: a softmax's last equation (its div) is the site when a rule names "softmax"; the
+        # add and tanh inside a tanh-GELU are never sites.
+        softmax = "softmax" in self.candidates
+        needs_producers = softmax or self.candidates & {"add", "tanh"}
+        producers = {v: e for e in jaxpr.eqns for v in e.outvars} if needs_producers else {}
+        internal = patterns.composite_internals(jaxpr, producers) if producers else set()
         for eqn in jaxpr.eqns:
             infos = [dataflow.read_info(env, v) for v in eqn.invars]
             name = eqn.primitive.name
-            if producers is not None and patterns.softmax_input(eqn, producers) is not None:
+            if softmax and patterns.softmax_input(eqn, producers) is not None:
                 name = "softmax"
             out_infos = [ACTIVATION] * len(eqn.outvars)
             if open_patterns and self._extend(eqn, infos, open_patterns, uses, env):
@@ -206,7 +209,7 @@ class _Discovery:
         source = infos[0].qparams_of if infos else None
         chain = patterns.clamp_chain(eqn)
         if chain is not None:  # a standalone ReLU / ReLU6 / clip (a ReLU after a conv / dense / add is fused)
-            prim = "relu" if chain == (("max", 0.0),) else "clamp"
+            prim = "relu" if chain == patterns.RELU else "clamp"
             source = infos[eqn.invars.index(patterns.clamp_input(eqn))].qparams_of
         if source is not None and _fixed(self._slot_spec(source)):
             # Constant qparams (a sigmoid's): value-preserving ops keep them, nothing observes; other ops
@@ -216,9 +219,10 @@ class _Discovery:
         if prim == "concatenate" and self.quantizer.share_concatenate and source is not None:
             return self._concatenate_view(eqn, infos, source, ctx)
         if prim in patterns.AVERAGE_SUMS:
-            if source is None or prim not in self.quantizer.share_through or not patterns.average_divide(eqn, users):
+            divide = patterns.average_divide(eqn, users) if prim in self.quantizer.share_through else None
+            if source is None or divide is None:
                 return None
-            self.average_kind[id(patterns.average_divide(eqn, users))] = patterns.AVERAGE_SUMS[prim]
+            self.average_kind[id(divide)] = patterns.AVERAGE_SUMS[prim]
             return VarInfo(summed_from=source)
         if prim in patterns.KEEPDIMS and infos[0].summed_from is not None:  # keepdims between the sum and the div
             return VarInfo(summed_from=infos[0].summed_from)
