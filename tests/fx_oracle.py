@@ -1,9 +1,34 @@
 """Shared checks of a jquant function against torch FX's x86 flow (prepare_fx / reference model / convert_fx)."""
 
+import copy
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 
 import jquant
+
+
+def fx_x86(model, x):
+    """torch FX with the x86 qconfig mapping on a copy of ``model``, calibrated on ``x``: ``(prepared, reference
+    model, int8 model)`` (``convert_to_reference_fx`` / ``convert_fx`` of their own copies; torch's deprecation
+    notices silenced)."""
+    import torch
+    from torch.ao.quantization import quantize_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapping = torch.ao.quantization.get_default_qconfig_mapping("x86")
+        prepared = quantize_fx.prepare_fx(copy.deepcopy(model), mapping, (x,))
+        prepared(x)
+        reference = quantize_fx.convert_to_reference_fx(copy.deepcopy(prepared))
+        return prepared, reference, quantize_fx.convert_fx(copy.deepcopy(prepared))
+
+
+def distinct_observers(prepared) -> list:
+    """The activation observers of a prepared FX model, one per instance (shared ones appear once), in order."""
+    found = {id(m): m for n, m in prepared._modules.items() if n.startswith("activation_post_process")}
+    return list(found.values())
 
 
 def nhwc(t) -> jnp.ndarray:

@@ -2,17 +2,15 @@
 quantized ``avg_pool2d`` / ``mean``, and ``torch_x86()`` on a CNN with average pools and a global mean against
 torch FX (observer sharing, reference model, ``convert_fx``)."""
 
-import copy
 import functools
 import re
-import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams
+from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams, distinct_observers, fx_x86
 from jax import lax
 
 import jquant
@@ -125,16 +123,10 @@ def pool_oracle():
         model.bn1.bias.uniform_(-0.2, 0.2)
     x = torch.randn(8, 3, 10, 10)
     fresh = torch.randn(8, 3, 10, 10) * 1.5  # the calibration batch size: no recompilation
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mapping = torch.ao.quantization.get_default_qconfig_mapping("x86")
-        prepared = quantize_fx.prepare_fx(model, mapping, (x,))
-        prepared(x)
-        observers = {n: m for n, m in prepared._modules.items() if n.startswith("activation_post_process")}
-        reference = _np(quantize_fx.convert_to_reference_fx(prepared)(x))
-        converted = quantize_fx.convert_fx(prepared)
-        int8 = {"calibration": (x, _np(converted(x))), "fresh": (fresh, _np(converted(fresh)))}
-    return model, x, observers, reference, int8
+    prepared, reference_model, converted = fx_x86(model, x)
+    int8 = {"calibration": (x, _np(converted(x))), "fresh": (fresh, _np(converted(fresh)))}
+    torch_models = {"reference": reference_model, "convert_fx": converted}
+    return model, x, distinct_observers(prepared), _np(reference_model(x)), int8, torch_models
 
 
 def _params(model, variant):
@@ -160,7 +152,7 @@ def _params(model, variant):
 
 @pytest.mark.parametrize("variant", ["linen", "jnp"])
 def test_torch_x86_average_pools_share_qparams_and_convert_as_fx(pool_oracle, variant):
-    model, x_t, observers, reference, int8 = pool_oracle
+    model, x_t, observers, reference, int8, _ = pool_oracle
     fn, params = _params(model, variant)
     x = jnp.asarray(_np(x_t).transpose(0, 2, 3, 1))
     qf = jquant.quantize(fn, jquant.presets.torch_x86())
@@ -172,7 +164,7 @@ def test_torch_x86_average_pools_share_qparams_and_convert_as_fx(pool_oracle, va
     assert conv2.operands[0].spec.site == conv1.name and fc.operands[0].spec.site == conv2.name
     slots = [qstate[conv1.name]["input"], qstate[conv1.name]["output"], qstate[conv2.name]["output"],
              qstate[fc.name]["output"]]
-    assert_slots_hold_fx_qparams(slots, list({id(m): m for m in observers.values()}.values()))
+    assert_slots_hold_fx_qparams(slots, observers)
     step = float(qstate[fc.name]["output"].scale)
     int_fn, int_params = assert_eval_and_convert_match_fx(qf, qstate, params, x, reference, int8, step)
     if variant != "linen":
@@ -192,15 +184,8 @@ def test_imported_qparams_link_through_average_pools(pool_oracle, form):
     reference model."""
     from interop import import_qparams, link_sites
 
-    model, x_t, _, reference, _ = pool_oracle
-    torch.manual_seed(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = quantize_fx.prepare_fx(copy.deepcopy(model), torch.ao.quantization.get_default_qconfig_mapping(
-            "x86"), (x_t,))
-        prepared(x_t)
-        torch_model = (quantize_fx.convert_to_reference_fx(prepared) if form == "reference"
-                       else quantize_fx.convert_fx(prepared))
+    model, x_t, _, reference, _, torch_models = pool_oracle
+    torch_model = torch_models[form]
     fn, params = _params(model, "linen")
     x = jnp.asarray(_np(x_t).transpose(0, 2, 3, 1))
     qf = jquant.quantize(fn, jquant.presets.torch_x86())
@@ -229,13 +214,8 @@ def test_input_observers_link_through_average_pools_of_a_converted_model(pool_or
     from jquant.transform.quantizer import RuleQuantizer
     from jquant.transform.specs import QuantizationSpec, Rule
 
-    model, x_t, *_ = pool_oracle
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = quantize_fx.prepare_fx(copy.deepcopy(model), torch.ao.quantization.get_default_qconfig_mapping(
-            "x86"), (x_t,))
-        prepared(x_t)
-        converted = quantize_fx.convert_fx(prepared)
+    model, x_t, *_, torch_models = pool_oracle
+    converted = torch_models["convert_fx"]
     fn, params = _params(model, "linen")
     rule = Rule(weight=QuantizationSpec("int8", "per_channel_symmetric"), inputs=QuantizationSpec("uint8"))
     qf = jquant.quantize(fn, RuleQuantizer([rule], fold_batchnorm=True))

@@ -2,13 +2,12 @@
 mapping: the activation gets torch's constant qparams, its consumer reads them (no observer of its own), and
 ``eval`` / ``convert`` equal torch's reference model / ``convert_fx``."""
 
-import copy
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fx_oracle import fx_x86
 
 import jquant
 from jquant.transform.specs import FixedQParamsSpec, Rule
@@ -48,13 +47,9 @@ def test_fixed_qparams_activation_between_linears_matches_fx(case):
         if case == "softmax":
             model.fc.weight *= 0.1  # flat probabilities: small integers (see CASES)
     x_t = torch.randn(64, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = quantize_fx.prepare_fx(model, torch.ao.quantization.get_default_qconfig_mapping("x86"), (x_t,))
-        prepared(x_t)
-        fixed = prepared.activation_post_process_2
-        reference = _np(quantize_fx.convert_to_reference_fx(copy.deepcopy(prepared))(x_t))
-        expected = _np(quantize_fx.convert_fx(prepared)(x_t))
+    prepared, reference_model, converted = fx_x86(model, x_t)
+    fixed = prepared.activation_post_process_2
+    reference, expected = _np(reference_model(x_t)), _np(converted(x_t))
     assert type(fixed).__name__ == "FixedQParamsObserver"
     torch_scale, torch_zero_point = (v.item() for v in fixed.calculate_qparams())
 

@@ -3,15 +3,13 @@
 jquant's ``torch_x86()`` places the same single observer (for ``jax.nn.relu``, ``jax.nn.relu6``, ``jnp.clip``), and
 eval / convert equal the reference model / ``convert_fx``, the clamp running on the integers."""
 
-import copy
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams
+from fx_oracle import assert_eval_and_convert_match_fx, assert_slots_hold_fx_qparams, distinct_observers, fx_x86
 from jax import lax
 
 import jquant
@@ -72,14 +70,9 @@ def test_standalone_clamps_share_their_input_observer_as_fx(kind, shared):
         model.bn.running_var.uniform_(0.5, 2.0)
         model.conv2.weight *= 4  # conv2's outputs reach past Hardtanh's bounds
     x_t, fresh = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8) * 1.5  # one batch size: one compilation
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = quantize_fx.prepare_fx(model, torch.ao.quantization.get_default_qconfig_mapping("x86"), (x_t,))
-        prepared(x_t)
-        observers = list({id(m): m for n, m in prepared._modules.items() if n.startswith("activation_post")}.values())
-        reference = _np(quantize_fx.convert_to_reference_fx(copy.deepcopy(prepared))(x_t))
-        converted = quantize_fx.convert_fx(prepared)
-        int8 = {"calibration": (x_t, _np(converted(x_t))), "fresh": (fresh, _np(converted(fresh)))}
+    prepared, reference_model, converted = fx_x86(model, x_t)
+    observers, reference = distinct_observers(prepared), _np(reference_model(x_t))
+    int8 = {"calibration": (x_t, _np(converted(x_t))), "fresh": (fresh, _np(converted(fresh)))}
     # torch: x, conv1 (shared by the pool / clamp), conv2 (shared by the clamp / pool / flatten), fc
     assert len(observers) == 4
     w = lambda conv: _np(conv.weight).transpose(2, 3, 1, 0)  # noqa: E731  OIHW -> HWIO

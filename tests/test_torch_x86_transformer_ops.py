@@ -2,14 +2,13 @@
 and GELU are single modules), so jquant must not place observers inside their JAX decompositions (LayerNorm's
 ``var + eps`` and ``y * gamma + beta``, GELU's ``tanh`` and ``x + 0.044715 x^3``, hard-swish's ``x + 3``)."""
 
-import copy
-import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fx_oracle import fx_x86
 
 import jquant
 
@@ -45,13 +44,9 @@ def test_layernorm_and_gelu_stay_whole_and_match_fx():
         model.ln.weight.uniform_(0.5, 1.5)
         model.ln.bias.uniform_(-0.3, 0.3)
     x_t, fresh = torch.randn(64, 8), torch.randn(64, 8) * 1.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = quantize_fx.prepare_fx(model, torch.ao.quantization.get_default_qconfig_mapping("x86"), (x_t,))
-        prepared(x_t)
-        reference = _np(quantize_fx.convert_to_reference_fx(copy.deepcopy(prepared))(x_t))
-        converted = quantize_fx.convert_fx(prepared)
-        expected = {"calibration": (x_t, _np(converted(x_t))), "fresh": (fresh, _np(converted(fresh)))}
+    _, reference_model, converted = fx_x86(model, x_t)
+    reference = _np(reference_model(x_t))
+    expected = {"calibration": (x_t, _np(converted(x_t))), "fresh": (fresh, _np(converted(fresh)))}
     variables = {"params": {
         "fc1": {"kernel": _np(model.fc1.weight).T, "bias": _np(model.fc1.bias)},
         "ln": {"scale": _np(model.ln.weight), "bias": _np(model.ln.bias)},
